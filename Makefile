@@ -1,0 +1,35 @@
+# One command per job; every target creates .venv itself (idempotent), so a fresh clone needs only Python 3.11.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Train the default backbone on the embedded ELPV solar-cell dataset, then export it.
+demo: setup
+	$(PY) train.py --name demo --overwrite
+	$(PY) export.py --run-dir saved_models/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check classifier tests bench train.py export.py
+	$(VENV)/bin/ruff format --check classifier tests bench train.py export.py
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
