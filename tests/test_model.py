@@ -1,0 +1,130 @@
+"""The classifier model: its named layers and input contract, save -> reload, and the two fine-tuning phases."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from classifier.backbones import build_backbone
+from classifier.errors import UserError
+from classifier.model import backbone_of, build_classifier, freeze_backbone, unfreeze_backbone
+
+SIZE = 64  # small input: every test here is about structure, not accuracy
+
+
+@pytest.fixture
+def pixels():
+    return np.random.default_rng(0).uniform(0, 255, size=(4, SIZE, SIZE, 3)).astype("float32")
+
+
+def _is_backbone_variable(model, variable) -> bool:
+    return any(variable is v for v in backbone_of(model).weights)
+
+
+def test_classifier_takes_raw_pixels_and_returns_probabilities(pixels):
+    model = build_classifier("efficientnet_lite0", num_classes=3, image_size=SIZE, weights="none")
+
+    assert [layer.name for layer in model.layers] == ["image", "preprocess", "backbone", "pool", "dropout", "head"]
+    assert model.input_shape == (None, SIZE, SIZE, 3) and model.inputs[0].dtype == "float32"
+    probabilities = np.asarray(model(pixels, training=False))
+    assert probabilities.shape == (4, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_preprocessing_and_imagenet_backbone_are_inside_the_model(pixels, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="imagenet")
+    reference = build_backbone("efficientnet_lite0", SIZE, weights="imagenet")
+
+    # The classifier's backbone holds the converted ImageNet weights and sees (x - 127) / 128 of the raw pixels.
+    features = keras.Model(model.input, model.get_layer("pool").output)(pixels)
+    expected = np.asarray(reference((pixels - 127.0) / 128.0, training=False)).mean(axis=(1, 2))
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_head_stays_float32_under_mixed_precision(pixels):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("head").dtype_policy.compute_dtype == "float32"
+    assert backbone_of(model).get_layer("top_conv").dtype_policy.compute_dtype == "float16"
+    assert model(pixels, training=False).dtype == "float32"
+
+
+def test_saved_model_reloads_with_identical_outputs(pixels, tmp_path):
+    model = build_classifier("efficientnet_lite0", num_classes=3, image_size=SIZE, weights="none")
+    model.get_layer("head").set_weights([w + 0.1 for w in model.get_layer("head").get_weights()])
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    reloaded = keras.saving.load_model(path)  # no custom_objects: standard layers only
+
+    np.testing.assert_array_equal(model.predict(pixels, verbose=0), reloaded.predict(pixels, verbose=0))
+    assert reloaded.input_shape[1] == SIZE
+    assert backbone_of(reloaded).name == "backbone"
+
+
+def test_freeze_leaves_only_the_head_trainable():
+    model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
+
+    freeze_backbone(model)
+
+    head = model.get_layer("head")
+    assert {id(v) for v in model.trainable_weights} == {id(head.kernel), id(head.bias)}
+
+
+def test_unfreeze_top_layers_keeps_batchnorm_frozen():
+    model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
+    freeze_backbone(model)
+    backbone = backbone_of(model)
+
+    unfreeze_backbone(model, top_n=20)
+
+    trainable = [v for v in model.trainable_weights if _is_backbone_variable(model, v)]
+    assert trainable, "unfreezing must make some backbone weights trainable"
+    assert all(not layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+    assert all(not layer.trainable for layer in backbone.layers[:-20])
+    assert backbone.get_layer("top_conv").trainable and not backbone.get_layer("stem_conv").trainable
+    top_only = len(trainable)
+
+    unfreeze_backbone(model, top_n=None)
+
+    convolutions = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert all(layer.trainable for layer in convolutions)  # Conv2D and DepthwiseConv2D, stem included
+    assert all(not layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+    assert len([v for v in model.trainable_weights if _is_backbone_variable(model, v)]) > top_only
+
+
+def test_fine_tuning_step_leaves_batchnorm_statistics_alone(pixels):
+    model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
+    unfreeze_backbone(model, top_n=None)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    bn = backbone_of(model).get_layer("top_bn")
+    conv = backbone_of(model).get_layer("top_conv")
+    before_bn = [w.copy() for w in bn.get_weights()]
+    before_conv = conv.get_weights()[0].copy()
+
+    model.train_on_batch(pixels, np.array([0, 1, 0, 1]))
+
+    for before, after in zip(before_bn, bn.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)  # gamma, beta and the moving statistics
+    assert not np.array_equal(before_conv, conv.get_weights()[0])
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError, match="at least 2 classes"):
+        build_classifier("efficientnet_lite0", num_classes=1, image_size=SIZE, weights="none")
+    with pytest.raises(UserError, match="image_size 8"):
+        build_classifier("efficientnet_lite0", num_classes=2, image_size=8, weights="none")
+    with pytest.raises(UserError, match="dropout"):
+        build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none", dropout=1.0)
+    with pytest.raises(UserError, match="unknown backbone 'lite0'"):
+        build_classifier("lite0", num_classes=2)
+    with pytest.raises(UserError, match="no 'backbone' layer"):
+        backbone_of(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
+    model = build_classifier("mobilenet_v3_small", num_classes=2, image_size=SIZE, weights="none")
+    with pytest.raises(UserError, match="top_n"):
+        unfreeze_backbone(model, top_n=0)
