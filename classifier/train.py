@@ -1,0 +1,565 @@
+"""`python train.py`: fine-tune a pretrained backbone on a folder of images, in two phases.
+
+The story of a run, top to bottom: resolve the config → pick (or resume) the run folder → scan and split the
+images → build the input pipelines → build the model inside the distribution strategy → phase 1 trains the head
+on a frozen backbone → phase 2 unfreezes the top of the backbone (BatchNorm stays frozen) at a lower learning
+rate → the best checkpoint becomes `model.keras` → metrics on the validation and test splits.
+
+An interrupted run continues where it stopped when the same command is run again: each phase keeps a
+`BackupAndRestore` state in `checkpoints/`, a finished phase leaves a marker, and the best checkpoint's value
+is kept on disk so that selection carries across phases and restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from classifier import augment, backbones, callbacks, data, demo_data
+from classifier import model as model_lib
+from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
+from classifier.errors import UserError, run_cli
+from classifier.metrics import classification_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point of `python train.py` and `python -m classifier train`."""
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_backbones:
+        for name, spec in backbones.BACKBONES.items():
+            where = "offline" if spec.offline else "downloads"
+            print(f"{name:22s} {spec.default_size:4d} px  ImageNet weights ({where}): {spec.weights_source}")
+        return 0
+    if args.resume is not None:
+        config, run_dir = resume_run(args.resume, args.output_dir or "saved_models")
+        train(config, run_dir=run_dir)
+    else:
+        train(config_from_args(args), overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `train` command line: common flags, plus `--config` and `--set` for everything else."""
+    parser = argparse.ArgumentParser(
+        prog="python train.py",
+        description=(
+            "Fine-tune a pretrained backbone on a folder of images (one subfolder per class) and write a run folder "
+            "with the model, TensorBoard logs and metrics. With no data argument it trains on the ELPV solar-cell "
+            "demo dataset (install it with `make demo` or `pip install -e '.[demo]'`)."
+        ),
+        epilog=(
+            "Every setting can also come from a YAML file (--config) or from --set section.key=value, e.g. "
+            "--set augment.preset=medical --set train.unfreeze_layers=all. The resolved settings are written to "
+            "<run>/config.yaml. Re-running the same command after an interruption continues the run."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    source = parser.add_argument_group("data")
+    source.add_argument("--data-dir", help="folder with one subfolder of images per class (or train/ val/ test/)")
+    source.add_argument("--dataset", help="tfds:NAME to download a TensorFlow Datasets dataset (needs the internet)")
+    source.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's own)")
+    source.add_argument("--batch-size", type=int, help="images per device per step (default 32)")
+    source.add_argument("--val-fraction", type=float, help="share of each class for validation (default 0.15)")
+    source.add_argument("--test-fraction", type=float, help="share of each class for testing (default 0.15)")
+    source.add_argument("--seed", type=int, help="seed of the split and shuffles (default 42)")
+    net = parser.add_argument_group("model")
+    net.add_argument("--backbone", help="backbone name (default efficientnet_lite0; see --list-backbones)")
+    net.add_argument("--weights", help="imagenet, none, or a path to backbone weights (default imagenet)")
+    net.add_argument("--list-backbones", action="store_true", help="list the available backbones and exit")
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--epochs", type=int, help="epochs of BOTH phases (head, then fine-tuning)")
+    fit.add_argument("--head-epochs", type=int, help="phase 1 epochs, backbone frozen (default 5; 0 skips)")
+    fit.add_argument("--finetune-epochs", type=int, help="phase 2 epochs, top layers unfrozen (default 5; 0 skips)")
+    fit.add_argument("--augment", help="none, light, medium, heavy, medical or inspection (default light)")
+    fit.add_argument("--devices", help="auto, cpu, or a list such as gpu:0,gpu:1 (default auto)")
+    fit.add_argument("--mixed-precision", choices=["auto", "on", "off"], help="float16 compute (default auto)")
+    fit.add_argument("--jit-compile", action="store_true", default=None, help="compile training steps with XLA")
+    run = parser.add_argument_group("run folder")
+    run.add_argument("--output-dir", help="parent of run folders (default saved_models)")
+    run.add_argument("--name", help="run folder name (default <date-time>-<backbone>-<size>)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue an interrupted run with its saved settings: a run folder, or the latest unfinished run",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    parser.add_argument("--config", help="YAML file of settings (sections data, model, train, augment, runtime, run)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any setting; repeatable"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the YAML file, then `--set`, then the dedicated flags."""
+    flags = {
+        "data": {
+            "data_dir": args.data_dir,
+            "dataset": args.dataset,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "seed": args.seed,
+        },
+        "model": {"backbone": args.backbone, "weights": args.weights},
+        "train": {
+            "head_epochs": args.epochs if args.head_epochs is None else args.head_epochs,
+            "finetune_epochs": args.epochs if args.finetune_epochs is None else args.finetune_epochs,
+        },
+        "augment": {"preset": args.augment},
+        "runtime": {"devices": args.devices, "mixed_precision": args.mixed_precision, "jit_compile": args.jit_compile},
+        "run": {"output_dir": args.output_dir, "name": args.name},
+    }
+    flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
+    from_file = load_yaml(args.config) if args.config else {}
+    return Config().replace(merge(from_file, parse_set(args.set), flags))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folder
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").exists()
+
+
+def _comparable(config_dict: dict) -> dict:
+    """The settings that decide what a run computes (its name is not one of them)."""
+    return {section: values for section, values in config_dict.items() if section != "run"}
+
+
+def _auto_name(config: Config) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{config.model.backbone}-{config.data.image_size}"
+
+
+def _latest_unfinished(output_dir: Path, matching: dict | None = None) -> Path | None:
+    """The most recently changed unfinished run folder, optionally with the same settings as `matching`."""
+    candidates = []
+    for config_file in output_dir.glob("*/config.yaml"):
+        run_dir = config_file.parent
+        if _is_finished(run_dir):
+            continue
+        if matching is not None and _comparable(load_yaml(config_file)) != _comparable(matching):
+            continue
+        candidates.append((config_file.stat().st_mtime, run_dir))
+    return max(candidates)[1] if candidates else None
+
+
+def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
+    """Picks the run folder: a new one, or an interrupted run of the same settings to continue.
+
+    Returns:
+        (run folder, whether it is being resumed).
+
+    Raises:
+        UserError: the named run exists and is finished, or was started with other settings.
+    """
+    output_dir = Path(config.run.output_dir)
+    settings = config.to_dict()
+    if config.run.name is None and not overwrite:
+        previous = _latest_unfinished(output_dir, matching=settings)
+        if previous is not None:
+            print(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
+            return previous, True
+    run_dir = output_dir / (config.run.name or _auto_name(config))
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return run_dir, False
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(
+            f"'{run_dir}' exists and is not a run folder (no config.yaml): choose another --name or --output-dir."
+        )
+    if overwrite:
+        shutil.rmtree(run_dir)
+        return run_dir, False
+    if _is_finished(run_dir):
+        raise UserError(
+            f"run '{run_dir}' already exists and is finished: pass --overwrite to train it again, "
+            "or --name NEW_NAME for a separate run."
+        )
+    saved = load_yaml(run_dir / "config.yaml")
+    if _comparable(saved) != _comparable(settings):
+        changed = sorted(
+            f"{section}.{key}"
+            for section, values in _comparable(settings).items()
+            for key, value in values.items()
+            if saved.get(section, {}).get(key) != value
+        )
+        raise UserError(
+            f"run '{run_dir}' was interrupted and used other settings ({', '.join(changed)}): "
+            f"pass --resume {run_dir} to continue it with its saved settings, --overwrite to start it again, "
+            "or --name NEW_NAME for a separate run."
+        )
+    print(f"Continuing the interrupted run {run_dir}.")
+    return run_dir, True
+
+
+def resume_run(resume: str, output_dir: str) -> tuple[Config, Path]:
+    """Finds the run that `--resume` names ("latest" = the most recent unfinished one) and its saved config.
+
+    Raises:
+        UserError: no such unfinished run.
+    """
+    if resume == "latest":
+        run_dir = _latest_unfinished(Path(output_dir))
+        if run_dir is None:
+            raise UserError(f"--resume: there is no unfinished run in '{output_dir}': start one without --resume.")
+    else:
+        run_dir = Path(resume)
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(f"--resume {resume}: '{run_dir}' is not a run folder (no config.yaml): pass a run folder.")
+    if _is_finished(run_dir):
+        raise UserError(f"--resume {resume}: run '{run_dir}' is already finished; nothing to continue.")
+    print(f"Continuing the interrupted run {run_dir} with its saved settings.")
+    return Config().replace(load_yaml(run_dir / "config.yaml")), run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices
+
+
+def make_strategy(devices: str) -> tf.distribute.Strategy:
+    """One MirroredStrategy over the chosen devices: every visible GPU by default, else the CPU.
+
+    Raises:
+        UserError: a requested device does not exist (the message lists those that do).
+    """
+    logical = tf.config.list_logical_devices()
+    available = {d.name.split("device:")[-1].lower(): d.name for d in logical}
+    if devices == "auto":
+        names = [name for short, name in available.items() if short.startswith("gpu")] or [available["cpu:0"]]
+    elif devices == "cpu":
+        names = [available["cpu:0"]]
+    else:
+        names = []
+        for item in devices.split(","):
+            key = item.strip().lower()
+            if key not in available:
+                raise UserError(f"--devices: no device '{item}' here; available: {', '.join(sorted(available))}.")
+            names.append(available[key])
+    return tf.distribute.MirroredStrategy(devices=names)
+
+
+def use_mixed_precision(setting: str, strategy: tf.distribute.Strategy) -> bool:
+    """Mixed float16 where it speeds things up: GPUs of compute capability 7.0 or newer, never on the CPU."""
+    if setting != "auto":
+        return setting == "on"
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus or not any("GPU" in d for d in strategy.extended.worker_devices):
+        return False
+    return all(
+        (tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)) >= (7, 0) for gpu in gpus
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclasses.dataclass
+class _Phase:
+    """One fit() call: which epochs (absolute numbering), at what learning rate, with what unfrozen."""
+
+    number: int
+    start: int
+    end: int
+    learning_rate: float
+    description: str
+
+
+def _learning_rate(peak: float, steps: int, warmup_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warmup to `peak`, then cosine decay to 1 % of it over the phase."""
+    warmup = int(steps * warmup_fraction)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, decay_steps=max(1, steps), alpha=0.01)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, steps - warmup), alpha=0.01, warmup_target=peak, warmup_steps=warmup
+    )
+
+
+def _compile(model: keras.Model, config: Config, schedule, jit_compile: bool) -> None:
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.train.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.train.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        jit_compile=jit_compile,
+    )
+
+
+def _restore_schedule_position(model: keras.Model, backup_dir: Path, phase: _Phase, steps_per_epoch: int) -> None:
+    """BackupAndRestore brings back weights and the epoch, not the optimizer; put the LR schedule back in place."""
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.exists():
+        return
+    done_epochs = json.loads(metadata.read_text())["epoch"] - phase.start
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(max(0, done_epochs) * steps_per_epoch)
+
+
+def train(
+    config: Config,
+    *,
+    run_dir: Path | None = None,
+    overwrite: bool = False,
+    extra_callbacks: list[keras.callbacks.Callback] | tuple = (),
+) -> Path:
+    """Runs a whole training job and returns its run folder.
+
+    Args:
+        config: The settings.
+        run_dir: An existing run folder to continue (from `resume_run`); None picks the folder from the config.
+        overwrite: Replace an existing run folder of the same name.
+        extra_callbacks: Added to both phases (used by tests to interrupt a run).
+
+    Raises:
+        UserError: for any problem with the data, the settings or the run folder.
+    """
+    started = time.perf_counter()
+    resumed = run_dir is not None
+    if not resumed:
+        data_dir = demo_data.resolve_data_dir(config.data.data_dir, config.data.dataset)
+        spec = backbones.get_backbone_spec(config.model.backbone)
+        resolved = {"data": {"data_dir": str(Path(data_dir).resolve()), "dataset": None}}
+        if config.data.image_size is None:
+            resolved["data"]["image_size"] = spec.default_size
+        config = config.replace(resolved)
+        run_dir, resumed = choose_run_dir(config, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+    checkpoints, logs = run_dir / "checkpoints", run_dir / "logs"
+    checkpoints.mkdir(exist_ok=True)
+
+    # Data: the split is written once and reused on resume, evaluation and export.
+    split = data.prepare_split(
+        config.data.data_dir,
+        run_dir,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.data.seed,
+    )
+    (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
+    num_classes = len(split.class_names)
+    _print_data_summary(split, run_dir)
+
+    strategy = make_strategy(config.runtime.devices)
+    mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+    global_batch = config.data.batch_size * strategy.num_replicas_in_sync
+    data.check_batch_size(split, global_batch)
+    size = config.data.image_size
+    print(
+        f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
+        f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, image size {size}px."
+    )
+
+    def one_hot(images, labels):
+        return images, tf.one_hot(labels, num_classes)
+
+    pipeline = dict(image_size=size, batch_size=global_batch, resize_mode=config.data.resize_mode)
+    pipeline["cache_budget_mb"] = config.data.cache_budget_mb
+    train_ds = data.make_dataset(split, "train", training=True, seed=config.data.seed, **pipeline).map(one_hot)
+    train_ds = augment.augment_dataset(train_ds, config.augment, num_classes, config.data.seed)
+    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
+    # The TensorBoard sample grid reads 16 images of its own: a batch taken from train_ds would make its
+    # full-size shuffle buffer read (and its cache discard) the whole training set.
+    sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
+    sample_ds = data.make_dataset(sample_split, "train", training=True, seed=config.data.seed, **pipeline)
+    sample_ds = augment.augment_dataset(sample_ds.map(one_hot), config.augment, num_classes, config.data.seed)
+    val_ds = data.make_dataset(split, "val", **pipeline).map(one_hot)
+    weights_by_class = _class_weights(config.train.class_weights, split)
+    if weights_by_class:
+        print(
+            "Class weights (balanced): "
+            + ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
+        )
+    steps_per_epoch = math.ceil(len(split.train) / global_batch)
+
+    with strategy.scope():
+        model = model_lib.build_classifier(
+            config.model.backbone, num_classes, size, weights=config.model.weights, dropout=config.model.dropout
+        )
+
+    mode = "min" if config.train.monitor.endswith("loss") else "max"
+    best_file, best_json = checkpoints / "best.weights.h5", checkpoints / "best.json"
+    throughput: dict[str, float | None] = {}
+    head, tune = config.train.head_epochs, config.train.finetune_epochs
+    unfrozen = "all" if config.train.unfreeze_layers is None else f"the top {config.train.unfreeze_layers}"
+    phases = [
+        _Phase(1, 0, head, config.train.head_lr, "training the head, backbone frozen"),
+        _Phase(
+            2, head, head + tune, config.train.finetune_lr, f"fine-tuning {unfrozen} backbone layers, BatchNorm frozen"
+        ),
+    ]
+    for phase in phases:
+        done_marker = checkpoints / f"phase{phase.number}.done"
+        if phase.end == phase.start:
+            print(f"Phase {phase.number}/2: skipped (0 epochs).")
+            continue
+        if done_marker.exists():
+            print(f"Phase {phase.number}/2: already finished in this run; skipping.")
+            continue
+        with strategy.scope():
+            if phase.number == 1:
+                model_lib.freeze_backbone(model)
+            else:
+                model_lib.unfreeze_backbone(model, config.train.unfreeze_layers)
+            if best_file.exists():
+                model.load_weights(best_file)  # start from the best weights so far, not the last
+            schedule = _learning_rate(
+                phase.learning_rate, steps_per_epoch * (phase.end - phase.start), config.train.warmup_fraction
+            )
+            _compile(model, config, schedule, config.runtime.jit_compile)
+            backup_dir = checkpoints / f"phase{phase.number}_backup"
+            _restore_schedule_position(model, backup_dir, phase, steps_per_epoch)
+        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        print(
+            f"Phase {phase.number}/2: {phase.description}; epochs {phase.start + 1}-{phase.end}, "
+            f"peak learning rate {phase.learning_rate:g}, {trainable:,} trainable parameters."
+        )
+        checkpoint = keras.callbacks.ModelCheckpoint(
+            best_file,
+            monitor=config.train.monitor,
+            mode=mode,
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=callbacks.read_best(best_json),
+        )
+        meter = callbacks.ThroughputMeter(len(split.train))
+        phase_callbacks = [
+            keras.callbacks.BackupAndRestore(backup_dir),
+            callbacks.LearningRateLogger(),
+            meter,
+            checkpoint,
+            callbacks.BestTracker(best_json, checkpoint),
+            callbacks.ConfusionMatrixLogger(logs, val_ds, [label for _, label in split.val], split.class_names),
+            keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
+            keras.callbacks.TensorBoard(logs, write_graph=False),
+        ]
+        if phase.number == 1 or head == 0:
+            phase_callbacks.append(callbacks.AugmentedSamples(logs, sample_ds, split.class_names))
+        if config.train.early_stopping_patience > 0:
+            # Restoring the best weights is done from the best checkpoint below, which also survives a restart.
+            phase_callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    config.train.monitor, patience=config.train.early_stopping_patience, mode=mode
+                )
+            )
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=phase.start,
+            epochs=phase.end,
+            class_weight=weights_by_class,
+            callbacks=phase_callbacks + list(extra_callbacks),
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        throughput[f"phase{phase.number}_images_per_second"] = meter.steady_rate()
+        done_marker.touch()
+
+    if best_file.exists():
+        model.load_weights(best_file)
+    best = json.loads(best_json.read_text()) if best_json.exists() else None
+    _save_model(model, run_dir / "model.keras")
+
+    metrics = {"class_names": split.class_names}
+    for subset in ("val", "test"):
+        items = getattr(split, subset)
+        if items:
+            probabilities = model.predict(data.make_dataset(split, subset, **pipeline), verbose=0)
+            metrics[subset] = classification_metrics([label for _, label in items], probabilities, split.class_names)
+    metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
+    metrics["resumed"] = resumed
+    final = {
+        f"{subset}_{key}": metrics[subset][key]
+        for subset in ("val", "test")
+        if subset in metrics
+        for key in ("accuracy", "auc")
+    }
+    callbacks.write_hparams(logs, _flat_hparams(config), {k: v for k, v in final.items() if v is not None})
+    _write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks the run as finished
+    _print_summary(run_dir, metrics)
+    return run_dir
+
+
+def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return data.class_weights(split)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([label for _, label in split.train])
+    classes = np.arange(len(split.class_names))
+    return dict(enumerate(map(float, compute_class_weight("balanced", classes=classes, y=labels))))
+
+
+def _save_model(model: keras.Model, path: Path) -> None:
+    """Saves under a temporary name, then renames: an interrupted save never leaves a half `model.keras`."""
+    temporary = path.with_name(f".{path.stem}.partial.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(content, indent=2))
+    os.replace(temporary, path)
+
+
+def _flat_hparams(config: Config) -> dict:
+    return {
+        f"{section}.{key}": value
+        for section, values in config.to_dict().items()
+        if section != "run"
+        for key, value in values.items()
+        if value is not None
+    }
+
+
+def _print_data_summary(split: data.Split, run_dir: Path) -> None:
+    counts = {name: [0, 0, 0] for name in split.class_names}
+    for column, subset in enumerate((split.train, split.val, split.test)):
+        for _, label in subset:
+            counts[split.class_names[label]][column] += 1
+    print(f"Data: {split.root}  ({len(split.class_names)} classes; train / val / test images)")
+    for name, (n_train, n_val, n_test) in counts.items():
+        print(f"  {name:24s} {n_train:6d} {n_val:6d} {n_test:6d}")
+    if split.skipped:
+        print(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {run_dir / 'split.json'}:")
+        for entry in split.skipped[:5]:
+            print(f"  {entry['path']}: {entry['reason']}")
+        if len(split.skipped) > 5:
+            print(f"  ... and {len(split.skipped) - 5} more")
+
+
+def _print_summary(run_dir: Path, metrics: dict) -> None:
+    print()
+    for subset in ("val", "test"):
+        if subset in metrics:
+            m = metrics[subset]
+            auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
+            print(
+                f"{subset:5s} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
+                f"AUC {auc}  (n={m['count']})"
+            )
+    print(f"Model:    {run_dir / 'model.keras'}")
+    print(f"Metrics:  {run_dir / 'metrics.json'}")
+    print(f"Watch:    tensorboard --logdir {run_dir / 'logs'}")
+    print(f"Export:   python export.py --run-dir {run_dir}")

@@ -1,0 +1,219 @@
+"""Training end to end on generated images: accuracy, run folder, TensorBoard content, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from conftest import write_separable_folder
+from tensorboard.backend.event_processing import event_accumulator
+
+from classifier import augment
+from classifier.config import AugmentConfig, Config
+from classifier.errors import UserError
+from classifier.train import build_parser, config_from_args, main, train
+
+SMALL = ["--image-size", "96", "--batch-size", "4", "--augment", "light"]
+
+
+def make_config(data_dir: Path, output_dir: Path, *extra: str) -> Config:
+    return config_from_args(
+        build_parser().parse_args(["--data-dir", str(data_dir), "--output-dir", str(output_dir), *SMALL, *extra])
+    )
+
+
+def add_bad_files(folder: Path) -> None:
+    (folder / "empty.jpg").write_bytes(b"")
+    good = next(folder.glob("*.jpg")).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "notes.jpg").write_text("this is a text file, not a JPEG")
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One 2-epoch run (1 head + 1 fine-tuning) on separable images with three unreadable files among them."""
+    root = tmp_path_factory.mktemp("train")
+    images = write_separable_folder(root / "images", per_class=30)
+    add_bad_files(images / "circle_red")
+    # A fresh linear head on frozen features takes a large step well; two epochs are few.
+    fast = ["--head-epochs", "1", "--finetune-epochs", "1", "--set", "train.head_lr=0.01"]
+    config = make_config(images, root / "runs", *fast, "--name", "run")
+    return train(config)
+
+
+def test_two_epoch_run_learns_separable_classes(finished_run):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] >= 0.9
+    assert metrics["test"]["accuracy"] >= 0.9
+    assert set(metrics["test"]["per_class"]) == {"circle_red", "square_green", "stripes_blue"}
+    assert metrics["throughput"]["phase1_images_per_second"] > 0
+
+
+def test_run_folder_is_complete(finished_run):
+    for name in ("config.yaml", "labels.txt", "split.json", "model.keras", "history.csv", "metrics.json"):
+        assert (finished_run / name).is_file(), name
+    assert (finished_run / "logs").is_dir() and (finished_run / "checkpoints").is_dir()
+    assert (finished_run / "labels.txt").read_text().split() == ["circle_red", "square_green", "stripes_blue"]
+    history = read_history(finished_run)
+    assert [int(row["epoch"]) for row in history] == [0, 1]
+    assert all(float(row["learning_rate"]) > 0 for row in history)
+    # The resolved config reproduces the run's settings.
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert saved["data"]["image_size"] == 96 and saved["train"]["finetune_epochs"] == 1
+    assert Config().replace(saved).data.batch_size == 4
+
+
+def test_unreadable_files_are_skipped_and_listed(finished_run):
+    skipped = json.loads((finished_run / "split.json").read_text())["skipped"]
+    reasons = {Path(entry["path"]).name: entry["reason"] for entry in skipped}
+    assert set(reasons) == {"empty.jpg", "truncated.jpg", "notes.jpg"}
+    assert all(reasons.values())
+
+
+def test_saved_model_reloads_with_the_reported_accuracy(finished_run):
+    from classifier import data
+
+    model = keras.models.load_model(finished_run / "model.keras")
+    split = data.read_split(finished_run / "split.json")
+    dataset = data.make_dataset(split, "test", image_size=96, batch_size=8)
+    predictions = model.predict(dataset, verbose=0).argmax(axis=1)
+    accuracy = float(np.mean(predictions == [label for _, label in split.test]))
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_tensorboard_has_scalars_images_and_hparams(finished_run):
+    def tags(subfolder: str) -> dict:
+        accumulator = event_accumulator.EventAccumulator(str(finished_run / "logs" / subfolder), size_guidance={})
+        accumulator.Reload()
+        return accumulator
+
+    train_logs, val_logs, hparam_logs = tags("train"), tags("validation"), tags("hparams")
+    train_tensors = set(train_logs.Tags()["tensors"])
+    for name in ("epoch_loss", "epoch_accuracy", "epoch_auc", "epoch_learning_rate"):
+        assert name in train_tensors, name
+    assert {"epoch_loss", "epoch_accuracy", "epoch_auc"} <= set(val_logs.Tags()["tensors"])
+    assert "augmented_samples" in train_tensors
+    assert "confusion_matrix" in set(val_logs.Tags()["tensors"])
+    matrix = val_logs.Tensors("confusion_matrix")
+    assert [event.step for event in matrix] == [0, 1]  # one per epoch
+    png = tf.make_ndarray(matrix[-1].tensor_proto)[2]  # [width, height, encoded PNG]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "_hparams_/session_start_info" in hparam_logs.summary_metadata
+    assert "hparams/test_accuracy" in set(hparam_logs.Tags()["tensors"])
+
+
+def test_finished_run_is_never_overwritten_silently(finished_run, capsys):
+    config_file = finished_run / "config.yaml"
+    data_dir = yaml.safe_load(config_file.read_text())["data"]["data_dir"]
+    argv = ["--data-dir", data_dir, "--output-dir", str(finished_run.parent), "--name", "run", *SMALL, "--epochs", "1"]
+    assert main(argv) == 2
+    message = capsys.readouterr().err
+    assert "already exists" in message and "--overwrite" in message and "--name" in message
+    assert (finished_run / "metrics.json").exists()
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stands in for a crash or Ctrl-C at the start of a given epoch."""
+
+    def __init__(self, at_epoch: int):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def test_interrupted_run_continues_where_it_stopped(tmp_path):
+    images = write_separable_folder(tmp_path / "images", per_class=12)
+    config = make_config(images, tmp_path / "runs", "--head-epochs", "1", "--finetune-epochs", "2", "--augment", "none")
+    # Phase 1 is epoch 0; phase 2 is epochs 1-2. Stop at the start of epoch 2, inside phase 2.
+    with pytest.raises(KeyboardInterrupt):
+        train(config, extra_callbacks=[Interrupt(at_epoch=2)])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "metrics.json").exists()
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0, 1]
+
+    recorder = EpochRecorder()
+    resumed = train(config, extra_callbacks=[recorder])  # the same command again
+    assert resumed == run_dir
+    assert recorder.epochs == [2]  # phase 1 not repeated, phase 2 continues at its second epoch
+    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0, 1, 2]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed"] is True and "test" in metrics
+    assert (run_dir / "model.keras").exists()
+
+
+def test_batch_larger_than_training_set_is_a_clear_error(tmp_path, capsys):
+    images = write_separable_folder(tmp_path / "images", per_class=6)
+    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--image-size", "96"]
+    assert main([*argv, "--batch-size", "64", "--epochs", "1"]) == 2
+    message = capsys.readouterr().err
+    assert "64" in message and "batch" in message.lower()
+
+
+def test_config_precedence_yaml_then_set_then_flags(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("train:\n  head_lr: 0.01\n  finetune_epochs: 7\naugment:\n  preset: medical\n")
+    args = build_parser().parse_args(
+        ["--config", str(settings), "--set", "train.head_lr=0.002", "--set", "train.unfreeze_layers=all"]
+        + ["--finetune-epochs", "3"]
+    )
+    config = config_from_args(args)
+    assert config.train.head_lr == 0.002  # --set beats the file
+    assert config.train.finetune_epochs == 3  # a flag beats both
+    assert config.augment.preset == "medical"
+    assert config.train.unfreeze_layers is None
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"train": {"head_lrr": 0.1}}, ["head_lrr", "head_lr"]),
+        ({"augment": {"preset": "wild"}}, ["wild", "medical"]),
+        ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, ["val_fraction", "0.6"]),
+        ({"train": {"head_epochs": "many"}}, ["head_epochs", "many"]),
+    ],
+)
+def test_bad_settings_name_the_setting_and_the_fix(overrides, words):
+    with pytest.raises(UserError) as error:
+        Config().replace(overrides)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_augmentation_presets():
+    assert augment.resolve(AugmentConfig(preset="medical"))["horizontal_flip"] is False
+    assert augment.resolve(AugmentConfig(preset="medical", horizontal_flip=True))["horizontal_flip"] is True
+    images = tf.random.uniform((8, 32, 32, 3), 0, 255, seed=1)
+    labels = tf.one_hot(tf.range(8) % 2, 2)
+    dataset = tf.data.Dataset.from_tensors((images, labels))
+    mixed_images, mixed_labels = next(iter(augment.augment_dataset(dataset, AugmentConfig(preset="heavy"), 2, seed=3)))
+    assert mixed_images.shape == images.shape
+    assert float(tf.reduce_min(mixed_images)) >= 0 and float(tf.reduce_max(mixed_images)) <= 255
+    soft = mixed_labels.numpy()
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    assert ((soft > 0.01) & (soft < 0.99)).any()  # MixUp / CutMix made soft labels
+    unchanged, _ = next(iter(augment.augment_dataset(dataset, AugmentConfig(preset="none"), 2, seed=3)))
+    np.testing.assert_array_equal(unchanged.numpy(), images.numpy())
