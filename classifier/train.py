@@ -375,6 +375,10 @@ def train(
     pipeline = dict(image_size=size, batch_size=global_batch, resize_mode=config.data.resize_mode)
     pipeline["cache_budget_mb"] = config.data.cache_budget_mb
     train_ds = data.make_dataset(split, "train", training=True, seed=config.data.seed, **pipeline).map(one_hot)
+    if strategy.num_replicas_in_sync > 1:
+        # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
+        # the few images dropped are different ones every epoch (the pipeline reshuffles).
+        train_ds = train_ds.rebatch(global_batch, drop_remainder=True)
     train_ds = augment.augment_dataset(train_ds, config.augment, num_classes, config.data.seed)
     train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
     # The TensorBoard sample grid reads 16 images of its own: a batch taken from train_ds would make its
@@ -382,14 +386,23 @@ def train(
     sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
     sample_ds = data.make_dataset(sample_split, "train", training=True, seed=config.data.seed, **pipeline)
     sample_ds = augment.augment_dataset(sample_ds.map(one_hot), config.augment, num_classes, config.data.seed)
-    val_ds = data.make_dataset(split, "val", **pipeline).map(one_hot)
+    replicas = strategy.num_replicas_in_sync
+
+    def evaluation_set(subset: str) -> tf.data.Dataset:
+        # Keras reduces the first batch across replicas before it builds the metrics, which fails when that batch
+        # splits unevenly (a validation set smaller than the global batch): keep the first batch divisible.
+        count = len(getattr(split, subset))
+        batch = global_batch if count >= global_batch else max(replicas, count // replicas * replicas)
+        return data.make_dataset(split, subset, **dict(pipeline, batch_size=batch))
+
+    val_ds = evaluation_set("val").map(one_hot)
     weights_by_class = _class_weights(config.train.class_weights, split)
     if weights_by_class:
         print(
             "Class weights (balanced): "
             + ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
         )
-    steps_per_epoch = math.ceil(len(split.train) / global_batch)
+    steps_per_epoch = (math.floor if strategy.num_replicas_in_sync > 1 else math.ceil)(len(split.train) / global_batch)
 
     with strategy.scope():
         model = model_lib.build_classifier(
@@ -467,6 +480,7 @@ def train(
             initial_epoch=phase.start,
             epochs=phase.end,
             class_weight=weights_by_class,
+            shuffle=False,  # the pipeline shuffles, seeded; Keras cannot shuffle a tf.data.Dataset anyway
             callbacks=phase_callbacks + list(extra_callbacks),
             verbose=1 if sys.stdout.isatty() else 2,
         )
@@ -482,7 +496,7 @@ def train(
     for subset in ("val", "test"):
         items = getattr(split, subset)
         if items:
-            probabilities = model.predict(data.make_dataset(split, subset, **pipeline), verbose=0)
+            probabilities = model.predict(evaluation_set(subset), verbose=0)
             metrics[subset] = classification_metrics([label for _, label in items], probabilities, split.class_names)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed

@@ -217,3 +217,35 @@ def test_augmentation_presets():
     assert ((soft > 0.01) & (soft < 0.99)).any()  # MixUp / CutMix made soft labels
     unchanged, _ = next(iter(augment.augment_dataset(dataset, AugmentConfig(preset="none"), 2, seed=3)))
     np.testing.assert_array_equal(unchanged.numpy(), images.numpy())
+
+
+def test_two_replicas_split_the_global_batch(tmp_path):
+    """MirroredStrategy over two logical CPUs: the global batch is per-replica batch x replicas."""
+    import subprocess
+    import sys
+
+    images = write_separable_folder(tmp_path / "images", per_class=10)  # 18 train, 6 val, 6 test images
+    script = f"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from classifier.train import main
+sys.exit(main(["--data-dir", {str(images)!r}, "--output-dir", {str(tmp_path / "runs")!r}, "--name", "mirrored",
+    "--image-size", "64", "--batch-size", "3", "--head-epochs", "1", "--finetune-epochs", "0", "--augment", "none",
+    "--devices", "cpu:0,cpu:1"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 replica(s)" in result.stdout and "global batch 6" in result.stdout
+    # 18 training images / global batch 6 = 3 steps per epoch.
+    assert "3/3" in result.stdout
+    assert (tmp_path / "runs" / "mirrored" / "model.keras").exists()
+
+
+def test_unknown_device_lists_the_available_ones(tmp_path, capsys):
+    images = write_separable_folder(tmp_path / "images", per_class=6)
+    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--devices", "gpu:7", "--epochs", "1"]
+    assert main(argv) == 2
+    message = capsys.readouterr().err
+    assert "gpu:7" in message and "cpu:0" in message
