@@ -1,0 +1,576 @@
+"""Export a trained run for serving and phones, and prove each file still predicts what the Keras model predicts.
+
+`python export.py --run-dir saved_models/<run>` reads the run folder (`model.keras`, `split.json`, `labels.txt`,
+`config.yaml`) and writes `saved_models/<run>/export/`:
+
+- `saved_model/`: TensorFlow SavedModel. Signature `serving_default` takes `images` float32 [N, S, S, 3] pixels
+  0..255; `serving_uint8` takes the same as uint8. Both return {"probabilities": float32 [N, C],
+  "top_class": int32 [N]}. Only the inference graph is saved (augmentation never is part of the model).
+- `model_float32.tflite`: float32 weights and input (raw pixels 0..255); the reference for parity.
+- `model_float16.tflite`: float16 weights (half the size), float32 input and compute.
+- `model_dynamic.tflite`: int8 weights, activations quantized on the fly (dynamic range); float32 input.
+- `model_int8.tflite`: full integer, calibrated on real images of the run's training split. Input uint8 pixels
+  0..255 (quantization scale 1, zero point 0, so a phone feeds camera bytes directly); output uint8
+  probabilities (scale 1/256, zero point 0). Not int8: MediaPipe Tasks ImageClassifier (1.2.2) accepts uint8 or
+  float32 score tensors and rejects int8 ("Expected output tensor at index 0 to have type UINT8 or FLOAT32 or
+  BOOL, found INT8 instead", checked here).
+- `labels.txt` (class names in output order) and, inside every .tflite, TFLite Model Metadata with the labels
+  and the input description MediaPipe needs (classifier/tflite_metadata.py), so the files run unchanged in
+  MediaPipe Tasks ImageClassifier and report category names.
+- `export_report.json`: per format the size, parity with Keras on the held-out test split (top-1 agreement, max
+  absolute probability difference, accuracy and its drop) and the median LiteRT latency (batch 1).
+
+The parity gate (DESIGN.md "a parity gate against the Keras model on held-out images that fails loudly"): every
+file is run through `classifier.inference` on the test split and compared with the Keras model. A format that
+misses its threshold is renamed `*.FAILED*` and the command exits 1 naming the format and its numbers.
+Every file is written under a temporary name and moved into place (`os.replace`), so an interrupted export never
+leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from classifier.errors import UserError, run_cli
+
+FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
+TFLITE_FORMATS = ("float32", "float16", "dynamic", "int8")
+SAVED_MODEL_DIR = "saved_model"
+REPORT_FILE = "export_report.json"
+
+
+def tflite_file_name(fmt: str) -> str:
+    """Returns the file name of a TFLite format, e.g. `model_int8.tflite`."""
+    return f"model_{fmt}.tflite"
+
+
+def failed_name(name: str) -> str:
+    """Returns the name a failing export is renamed to: `model_int8.FAILED.tflite`, `saved_model.FAILED`."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.FAILED{dot}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """What each format must reach on the test split to pass the parity gate.
+
+    Attributes:
+        min_agreement_float32: top-1 agreement with Keras for the SavedModel and float32 TFLite (same maths,
+            only kernel rounding differs).
+        max_diff_float32: largest absolute probability difference allowed for the SavedModel and float32 TFLite.
+        min_agreement_float16: top-1 agreement for float16 weights (half-precision rounding flips only near-ties).
+        max_accuracy_drop: accuracy the quantized formats (dynamic, int8) may lose, as a fraction (0.01 = one
+            percentage point); quantized probabilities differ by design, so accuracy is what is gated.
+    """
+
+    min_agreement_float32: float = 0.995
+    max_diff_float32: float = 1e-4
+    min_agreement_float16: float = 0.99
+    max_accuracy_drop: float = 0.01
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    formats: Sequence[str] = FORMATS,
+    out_dir: str | Path | None = None,
+    calibration_images: int = 300,
+    thresholds: Thresholds = Thresholds(),  # noqa: B008 - frozen dataclass, safe as a default
+    num_threads: int = 2,
+    latency_runs: int = 50,
+    batch_size: int = 32,
+    metadata: bool = True,
+    seed: int = 42,
+) -> dict:
+    """Exports a trained run and checks every exported file against the Keras model.
+
+    Args:
+        run_dir: run folder written by training (`model.keras`, `split.json`, `labels.txt`).
+        formats: any of `FORMATS`; default all.
+        out_dir: where to write; default `run_dir/export`.
+        calibration_images: training images used to calibrate the int8 model (fewer if the split has fewer).
+        thresholds: the parity gate's limits.
+        num_threads: LiteRT threads for the parity run and the latency measurement.
+        latency_runs: timed batch-1 predictions per TFLite file.
+        batch_size: images per batch in the parity run.
+        metadata: embed TFLite Model Metadata (labels, input description) in every .tflite; needs mediapipe.
+        seed: seed for picking the calibration images.
+
+    Returns:
+        The report also written to `export_report.json`: {"passed": bool, "failures": [message, ...],
+        "formats": {format: {size_bytes, agreement, max_abs_diff, accuracy, keras_accuracy, accuracy_drop,
+        latency_ms, passed, ...}}, ...}.
+
+    Raises:
+        UserError: the run folder or one of its files is missing, a format name is unknown, the labels do not
+            match the model, there are no held-out images to check against, or metadata was requested and
+            mediapipe is not installed.
+    """
+    from classifier import data, inference, tflite_metadata
+
+    run_dir = Path(run_dir)
+    formats = _check_formats(formats)
+    if calibration_images < 1:
+        raise UserError(f"--calibration-images {calibration_images}: give at least 1 (a few hundred is typical)")
+    model_path, split_path = run_dir / "model.keras", run_dir / "split.json"
+    for required in (model_path, split_path):
+        if not required.is_file():
+            raise UserError(
+                f"'{required}' does not exist: --run-dir must be a run folder written by `python train.py` "
+                "(with model.keras and split.json)"
+            )
+    if metadata and any(f in TFLITE_FORMATS for f in formats):
+        tflite_metadata.load_schema()  # fail now, before minutes of conversion, if mediapipe is missing
+
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    image_size, num_classes = int(model.input_shape[1]), int(model.output_shape[-1])
+    split = data.read_split(split_path)
+    labels = _read_labels(run_dir, split.class_names, num_classes)
+    resize_mode = _resize_mode(run_dir)
+    subset = "test" if split.test else "val"
+    if not getattr(split, subset):
+        raise UserError(
+            f"split '{split_path}' has no test or validation images, so the exported files cannot be checked "
+            "against the Keras model: train with --set data.test_fraction=0.15 (the default) on more images"
+        )
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "labels.txt", "".join(f"{label}\n" for label in labels).encode())
+
+    files: dict[str, Path] = {}
+    if "saved_model" in formats:
+        files["saved_model"] = _export_saved_model(model, image_size, out_dir / SAVED_MODEL_DIR)
+    calibration = _calibration_sample(split, calibration_images, seed) if "int8" in formats else None
+    wanted_tflite = [f for f in formats if f in TFLITE_FORMATS]
+    if wanted_tflite:
+        representative_dataset = _calibration_batches(data, calibration, image_size, resize_mode)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as scratch:
+            source = _write_conversion_model(model, image_size, Path(scratch) / "saved_model")
+            for fmt in wanted_tflite:
+                print(f"converting {fmt} ...", flush=True)
+                tflite = _convert(source, fmt, representative_dataset)
+                if metadata:
+                    tflite = tflite_metadata.add_image_classifier_metadata(
+                        tflite,
+                        labels,
+                        name=f"{run_dir.resolve().name} ({fmt})",
+                        description=f"Image classifier, {num_classes} classes, {image_size}x{image_size} RGB, {fmt}.",
+                        float_input=fmt != "int8",
+                    )
+                files[fmt] = out_dir / tflite_file_name(fmt)
+                _write_atomic(files[fmt], tflite)
+    for path in files.values():  # a FAILED file left by an earlier export would contradict this one
+        stale = path.with_name(failed_name(path.name))
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+
+    dataset = data.make_dataset(split, subset, image_size=image_size, batch_size=batch_size, resize_mode=resize_mode)
+    predictors = {fmt: inference.load_predictor(path, num_threads=num_threads) for fmt, path in files.items()}
+    probs, keras_probs, y_true, signature_check = _run_all(model, predictors, dataset, batch_size)
+    keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
+    report_formats: dict[str, dict] = {
+        "keras": {"file": "model.keras", "size_bytes": model_path.stat().st_size, "accuracy": keras_accuracy}
+    }
+    failures = []
+    for fmt, path in files.items():
+        entry = _parity(probs[fmt], keras_probs, y_true)
+        entry = {"file": path.name, "size_bytes": _size(path), **entry}
+        if fmt == "saved_model":
+            entry.update(signature_check)
+        else:
+            entry.update(_tflite_details(predictors[fmt], latency_runs))
+        problems = _gate(fmt, entry, thresholds)
+        entry["passed"] = not problems
+        if problems:
+            failed = path.with_name(failed_name(path.name))
+            os.replace(path, failed)
+            entry["file"] = failed.name
+            failures.append(f"{fmt}: {'; '.join(problems)} (file renamed to {failed.name})")
+        report_formats[fmt] = entry
+
+    report = {
+        "run_dir": str(run_dir),
+        "export_dir": str(out_dir),
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "labels": labels,
+        "resize_mode": resize_mode,
+        "parity_subset": subset,
+        "parity_images": len(y_true),
+        "calibration_images": len(calibration.train) if calibration else None,
+        "num_threads": num_threads,
+        "metadata": metadata,
+        "thresholds": dataclasses.asdict(thresholds),
+        "formats": report_formats,
+        "passed": not failures,
+        "failures": failures,
+    }
+    _write_atomic(out_dir / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def _parity(probs: np.ndarray, keras_probs: np.ndarray, y_true: np.ndarray) -> dict:
+    """Top-1 agreement and largest probability difference with Keras, and accuracy, of one format."""
+    top = probs.argmax(-1)
+    keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
+    accuracy = float(np.mean(top == y_true))
+    return {
+        "agreement": float(np.mean(top == keras_probs.argmax(-1))),
+        "max_abs_diff": float(np.max(np.abs(probs - keras_probs))),
+        "accuracy": accuracy,
+        "keras_accuracy": keras_accuracy,
+        "accuracy_drop": keras_accuracy - accuracy,
+    }
+
+
+def _tflite_details(predictor, latency_runs: int) -> dict:
+    """Input/output types and quantization of a .tflite file, and its batch-1 LiteRT latency."""
+    from classifier.inference import measure_latency
+
+    latency = measure_latency(predictor, runs=latency_runs)
+    return {
+        "input_dtype": predictor.input_dtype.name,
+        "output_dtype": np.dtype(predictor.output["dtype"]).name,
+        "input_quantization": [float(q) for q in predictor.input["quantization"]],
+        "output_quantization": [float(q) for q in predictor.output["quantization"]],
+        "latency_ms": latency["median_ms"],
+        "latency_p90_ms": latency["p90_ms"],
+    }
+
+
+def _check_formats(formats: Sequence[str]) -> list[str]:
+    """Validates format names, keeping FORMATS order."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown export format(s) {unknown or formats!r}: choose from {','.join(FORMATS)}")
+    return [f for f in FORMATS if f in formats]
+
+
+def _read_labels(run_dir: Path, class_names: list[str], num_classes: int) -> list[str]:
+    """Class names from the run's labels.txt (else split.json), checked against the model's outputs."""
+    labels_path = run_dir / "labels.txt"
+    if labels_path.is_file():
+        labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        labels = list(class_names)
+    if len(labels) != num_classes:
+        raise UserError(
+            f"{labels_path if labels_path.is_file() else 'split.json'} names {len(labels)} classes but "
+            f"{run_dir / 'model.keras'} has {num_classes} outputs: the run folder mixes files of different runs; "
+            "train again or restore the run's own labels.txt"
+        )
+    return labels
+
+
+def _resize_mode(run_dir: Path) -> str:
+    """The run's data.resize_mode from config.yaml, so test images are resized as in training."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return "stretch"
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    return (config.get("data") or {}).get("resize_mode") or "stretch"
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    """Writes a file under a temporary name in the same folder, then renames it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Moves a finished folder into place; an older one is moved aside first (os.replace cannot overwrite one)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _size(path: Path) -> int:
+    """Bytes in a file, or in all files under a folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _export_saved_model(model, image_size: int, final: Path) -> Path:
+    """Writes the SavedModel with a float32 and a uint8 serving signature."""
+    import keras
+    import tensorflow as tf
+
+    def serve(images):
+        probabilities = model(images, training=False)
+        return {"probabilities": probabilities, "top_class": tf.argmax(probabilities, axis=-1, output_type=tf.int32)}
+
+    shape = [None, image_size, image_size, 3]
+    # No archive.track(model): the archive saves the variables its endpoints use by itself, and tracking the
+    # model as well stores every weight twice (Keras variables and their tf.Variables; 2x the folder size).
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint("serving_default", serve, input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+    archive.add_endpoint(
+        "serving_uint8",
+        lambda images: serve(tf.cast(images, tf.float32)),
+        input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")],
+    )
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_conversion_model(model, image_size: int, path: Path) -> Path:
+    """Writes the model's plain call (one image input, one probability output) as a SavedModel to convert.
+
+    This is Keras 3's own LiteRT route (ExportArchive -> SavedModel -> TFLiteConverter.from_saved_model); a
+    concrete function converted directly keeps resource variables that int8 calibration cannot read.
+    """
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()  # not tracking the model: see _export_saved_model
+    archive.add_endpoint(
+        "serve",
+        lambda image: model(image, training=False),
+        input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="image")],
+    )
+    archive.write_out(str(path), verbose=False)
+    return path
+
+
+def _calibration_sample(split, count: int, seed: int):
+    """A split whose train list is a seeded random sample of the training images (all classes mixed)."""
+    if not split.train:
+        raise UserError("the run's split has no training images to calibrate the int8 model on")
+    order = np.random.default_rng(seed).permutation(len(split.train))[:count]
+    return dataclasses.replace(split, train=[split.train[i] for i in order])
+
+
+def _calibration_batches(data, sample, image_size: int, resize_mode: str):
+    """Returns the converter's representative_dataset: real training images, one per step, 0..255 float32."""
+
+    def batches() -> Iterator[list[np.ndarray]]:
+        dataset = data.make_dataset(sample, "train", image_size=image_size, batch_size=1, resize_mode=resize_mode)
+        for index, (images, _) in enumerate(dataset):
+            images = images.numpy()
+            if index == 0:
+                # The uint8 input's quantization comes from the smallest and largest calibration pixel. One black
+                # and one white pixel make it exactly 0..255 (scale 1, zero point 0), so a phone can feed camera
+                # bytes unchanged even when the training images never reach pure black or white.
+                images[0, 0, 0], images[0, 0, 1] = 0.0, 255.0
+            yield [images]
+
+    return batches
+
+
+def _convert(source: Path, fmt: str, representative_dataset) -> bytes:
+    """Converts the SavedModel at `source` to one TFLite format."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(source))
+    # Builtin ops only: a phone's LiteRT / MediaPipe has no TensorFlow (Flex) ops.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if fmt != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if fmt == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif fmt == "int8":
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8  # MediaPipe rejects int8 scores; see the module docstring
+    return converter.convert()
+
+
+def _run_all(model, predictors: dict, dataset, batch_size: int):
+    """One pass over the held-out images: Keras and every exported file on the same batches."""
+    keras_probs, labels = [], []
+    probs: dict[str, list[np.ndarray]] = {fmt: [] for fmt in predictors}
+    uint8_check: dict = {}
+    for images, batch_labels in dataset:
+        images = images.numpy()
+        keras_probs.append(np.asarray(model.predict_on_batch(images)))
+        labels.append(batch_labels.numpy())
+        for fmt, predictor in predictors.items():
+            probs[fmt].append(predictor.predict(images, batch_size=batch_size))
+        if "saved_model" in predictors and not uint8_check:
+            uint8_check = _check_saved_model_signatures(predictors["saved_model"], images)
+    return (
+        {fmt: np.concatenate(p) for fmt, p in probs.items()},
+        np.concatenate(keras_probs),
+        np.concatenate(labels),
+        uint8_check,
+    )
+
+
+def _check_saved_model_signatures(predictor, images: np.ndarray) -> dict:
+    """Checks the uint8 signature against the float32 one on the same pixels, and top_class against argmax."""
+    import tensorflow as tf
+
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    signatures = predictor.loaded.signatures
+    as_float = signatures["serving_default"](images=tf.constant(pixels.astype(np.float32)))
+    as_uint8 = signatures["serving_uint8"](images=tf.constant(pixels))
+    return {
+        "uint8_signature_max_abs_diff": float(
+            np.max(np.abs(as_uint8["probabilities"].numpy() - as_float["probabilities"].numpy()))
+        ),
+        "top_class_matches": bool(
+            np.array_equal(as_float["top_class"].numpy(), as_float["probabilities"].numpy().argmax(-1))
+        ),
+    }
+
+
+def _gate(fmt: str, entry: dict, limits: Thresholds) -> list[str]:
+    """Returns the parity problems of one format (empty when it passes)."""
+    problems = []
+    if fmt in ("saved_model", "float32", "float16"):
+        min_agreement = limits.min_agreement_float16 if fmt == "float16" else limits.min_agreement_float32
+        if entry["agreement"] < min_agreement:
+            problems.append(f"top-1 agreement with Keras {entry['agreement']:.2%} < {min_agreement:.2%}")
+    if fmt in ("saved_model", "float32") and entry["max_abs_diff"] > limits.max_diff_float32:
+        problems.append(f"max probability difference {entry['max_abs_diff']:.3g} > {limits.max_diff_float32:.3g}")
+    if fmt in ("dynamic", "int8") and entry["accuracy_drop"] > limits.max_accuracy_drop:
+        problems.append(
+            f"accuracy {entry['accuracy']:.2%} vs Keras {entry['keras_accuracy']:.2%}: drop "
+            f"{entry['accuracy_drop'] * 100:.2f} points > {limits.max_accuracy_drop * 100:.2f}"
+        )
+    if fmt == "saved_model":
+        if entry["uint8_signature_max_abs_diff"] > limits.max_diff_float32:
+            problems.append(f"serving_uint8 differs from serving_default by {entry['uint8_signature_max_abs_diff']}")
+        if not entry["top_class_matches"]:
+            problems.append("top_class is not the argmax of probabilities")
+    if fmt == "int8":
+        scale, zero_point = entry["input_quantization"]
+        if abs(scale - 1.0) > 1e-3 or zero_point != 0:
+            problems.append(
+                f"uint8 input quantization (scale {scale:.4g}, zero point {zero_point:g}) is not (1, 0): "
+                "a phone feeding camera bytes would see distorted pixels"
+            )
+    return problems
+
+
+def format_report(report: dict) -> str:
+    """Renders the report as a table: format, file, size MB, agreement, max diff, accuracy, latency ms, pass."""
+    header = f"{'format':12s} {'file':28s} {'size MB':>8s} {'agree':>8s} {'max diff':>9s} {'accuracy':>9s} "
+    header += f"{'lat. ms':>8s}  pass"
+    lines = [header, "-" * len(header)]
+    for fmt, entry in report["formats"].items():
+
+        def cell(key, spec, width, entry=entry):
+            value = entry.get(key)
+            return f"{'-':>{width}s}" if value is None else f"{value:>{width}{spec}}"
+
+        passed = {True: "yes", False: "NO", None: "-"}[entry.get("passed")]
+        lines.append(
+            f"{fmt:12s} {entry['file']:28s} {entry['size_bytes'] / 1e6:8.2f} {cell('agreement', '.2%', 8)} "
+            f"{cell('max_abs_diff', '.2e', 9)} {cell('accuracy', '.2%', 9)} {cell('latency_ms', '.2f', 8)}  {passed}"
+        )
+    lines.append(
+        f"parity on {report['parity_images']} {report['parity_subset']} images; LiteRT latency at batch 1, "
+        f"{report['num_threads']} threads; files in {report['export_dir']}"
+    )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Thresholds()
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a trained run to SavedModel and TFLite, checked against the Keras model on the test split.",
+    )
+    parser.add_argument("--run-dir", required=True, help="run folder written by train.py (saved_models/<run>)")
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)} (default: all)"
+    )
+    parser.add_argument("--out-dir", default=None, help="output folder (default: RUN_DIR/export)")
+    parser.add_argument(
+        "--calibration-images", type=int, default=300, help="training images to calibrate int8 on (default 300)"
+    )
+    parser.add_argument(
+        "--min-agreement-float32",
+        type=float,
+        default=defaults.min_agreement_float32,
+        help="SavedModel/float32: minimum top-1 agreement with Keras, 0..1 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-diff-float32",
+        type=float,
+        default=defaults.max_diff_float32,
+        help="SavedModel/float32: maximum absolute probability difference (default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-agreement-float16",
+        type=float,
+        default=defaults.min_agreement_float16,
+        help="float16: minimum top-1 agreement with Keras, 0..1 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=defaults.max_accuracy_drop,
+        help="dynamic/int8: maximum test-accuracy loss as a fraction, 0.01 = 1 point (default %(default)s)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="LiteRT threads for parity and latency (default 2)")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per TFLite file (default 50)")
+    parser.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="write .tflite files without embedded labels/metadata (when mediapipe is not installed)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: `python export.py --run-dir saved_models/<run>`; exit 1 when a format fails parity."""
+    args = _parser().parse_args(argv)
+
+    def run() -> int:
+        report = export_run(
+            args.run_dir,
+            formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+            out_dir=args.out_dir,
+            calibration_images=args.calibration_images,
+            thresholds=Thresholds(
+                min_agreement_float32=args.min_agreement_float32,
+                max_diff_float32=args.max_diff_float32,
+                min_agreement_float16=args.min_agreement_float16,
+                max_accuracy_drop=args.max_accuracy_drop,
+            ),
+            num_threads=args.threads,
+            latency_runs=args.latency_runs,
+            metadata=not args.no_metadata,
+        )
+        print(format_report(report))
+        if report["failures"]:
+            print("parity gate FAILED:\n  " + "\n  ".join(report["failures"]), file=sys.stderr)
+            return 1
+        return 0
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

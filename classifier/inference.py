@@ -1,0 +1,252 @@
+"""One predictor for every model file the toolkit writes: model.keras, a SavedModel folder, or a .tflite file.
+
+Export's parity gate, evaluate, predict and benchmark all go through `load_predictor`, so a number measured on
+one kind of file means the same thing on another: images in as [N, S, S, 3] pixels 0..255 (uint8 or float32),
+class probabilities out as float32 [N, C].
+
+.tflite files run on LiteRT (`ai-edge-litert`; `tf.lite.Interpreter` is deprecated, DESIGN.md decision 4).
+Quantized inputs are fed in the model's own type (camera bytes for our uint8-input int8 model) and quantized
+outputs are dequantized with the tensor's scale and zero point, as MediaPipe does on a phone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from classifier.errors import UserError
+
+KINDS = ("keras", "saved_model", "tflite")
+ACCEPTED = "a Keras model file (model.keras), a SavedModel folder (with saved_model.pb inside) or a .tflite file"
+LABELS_FILE_NAME = "labels.txt"
+
+
+class Predictor:
+    """Runs one model file on batches of images.
+
+    Attributes:
+        kind: "keras", "saved_model" or "tflite".
+        path: the model file or SavedModel folder.
+        image_size: square input size S the model expects.
+        input_dtype: dtype the model takes (float32, or uint8 for the int8 TFLite model); `predict` converts.
+        num_classes: number of output probabilities.
+        labels: class names in output order, or None when none were found.
+    """
+
+    def __init__(
+        self, kind: str, path: str, image_size: int, input_dtype: np.dtype, num_classes: int, labels: list[str] | None
+    ):
+        self.kind = kind
+        self.path = path
+        self.image_size = image_size
+        self.input_dtype = np.dtype(input_dtype)
+        self.num_classes = num_classes
+        self.labels = labels
+
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Returns class probabilities for a stack of images.
+
+        Args:
+            images: uint8 or float32 array [N, S, S, 3] of RGB pixels 0..255, S = `image_size`.
+            batch_size: images per call to the model (a .tflite file with a fixed batch runs one at a time).
+
+        Returns:
+            float32 array [N, C] of probabilities.
+
+        Raises:
+            UserError: the images do not have the shape the model expects.
+        """
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise UserError(
+                f"images of shape {images.shape} do not fit {self.path}: it takes [N, {self.image_size}, "
+                f"{self.image_size}, 3] RGB pixels 0..255; resize them to {self.image_size} px first"
+            )
+        if len(images) == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        outputs = [self._predict_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for one batch; implemented per kind."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Predictor(kind={self.kind!r}, path={self.path!r}, image_size={self.image_size})"
+
+
+class _KerasPredictor(Predictor):
+    def __init__(self, path: Path):
+        import keras
+
+        self.model = keras.models.load_model(path, compile=False)
+        size = self.model.input_shape[1]
+        super().__init__("keras", str(path), size, np.float32, self.model.output_shape[-1], None)
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images.astype(np.float32, copy=False)))
+
+
+class _SavedModelPredictor(Predictor):
+    def __init__(self, path: Path, signature: str = "serving_default"):
+        import tensorflow as tf
+
+        self.loaded = tf.saved_model.load(str(path))
+        if signature not in self.loaded.signatures:
+            raise UserError(
+                f"SavedModel '{path}' has no signature '{signature}' (it has {sorted(self.loaded.signatures)}): "
+                "export it again with `python export.py --run-dir RUN`"
+            )
+        self.function = self.loaded.signatures[signature]
+        (self.input_name, spec), *others = self.function.structured_input_signature[1].items()
+        outputs = self.function.structured_outputs
+        self.output_name = "probabilities" if "probabilities" in outputs else next(iter(outputs))
+        if others or spec.shape.rank != 4 or spec.shape[1] is None:
+            raise UserError(
+                f"SavedModel '{path}' signature '{signature}' takes {self.function.structured_input_signature}: "
+                "expected one image input [N, S, S, 3] with a fixed size S, as export.py writes"
+            )
+        num_classes = int(outputs[self.output_name].shape[-1])
+        super().__init__("saved_model", str(path), int(spec.shape[1]), spec.dtype.as_numpy_dtype, num_classes, None)
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        result = self.function(**{self.input_name: _to_input_type(images, self.input_dtype)})
+        return result[self.output_name].numpy()
+
+
+class _TFLitePredictor(Predictor):
+    def __init__(self, path: Path, num_threads: int | None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        input_details = self.interpreter.get_input_details()
+        output_details = self.interpreter.get_output_details()
+        if len(input_details) != 1 or len(output_details) != 1:
+            raise UserError(
+                f"'{path}' has {len(input_details)} inputs and {len(output_details)} outputs: an image classifier "
+                "takes one image and returns one probability vector"
+            )
+        self.input, self.output = input_details[0], output_details[0]
+        # A dynamic batch (-1) can be resized to run whole batches; a fixed batch runs one image at a time.
+        self.dynamic_batch = int(self.input["shape_signature"][0]) == -1
+        self.batch = int(self.input["shape"][0])
+        if not self.dynamic_batch and self.batch != 1:
+            raise UserError(f"'{path}' has a fixed batch of {self.batch}: export it with batch 1 or a dynamic batch")
+        super().__init__(
+            "tflite", str(path), int(self.input["shape"][1]), self.input["dtype"], int(self.output["shape"][-1]), None
+        )
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        if len(images) != self.batch:
+            if not self.dynamic_batch:
+                return np.concatenate([self._invoke(images[i : i + 1]) for i in range(len(images))])
+            self.interpreter.resize_tensor_input(self.input["index"], [len(images), *self.input["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self.batch = len(images)
+        return self._invoke(images)
+
+    def _invoke(self, images: np.ndarray) -> np.ndarray:
+        scale, zero_point = self.input["quantization"]
+        self.interpreter.set_tensor(self.input["index"], _to_input_type(images, self.input_dtype, scale, zero_point))
+        self.interpreter.invoke()
+        output = self.interpreter.get_tensor(self.output["index"])
+        scale, zero_point = self.output["quantization"]
+        if np.issubdtype(output.dtype, np.integer):
+            return (output.astype(np.float32) - zero_point) * scale
+        return output
+
+
+def _to_input_type(images: np.ndarray, dtype: np.dtype, scale: float = 0.0, zero_point: int = 0) -> np.ndarray:
+    """Converts 0..255 pixels to the model's input type; integer inputs are quantized with (scale, zero_point)."""
+    # Pixels already in the model's type pass through when the quantization is the identity (scale 1, zero
+    # point 0): that is how a phone feeds camera bytes to our uint8-input model.
+    if images.dtype == dtype and (not scale or (abs(scale - 1.0) < 1e-3 and zero_point == 0)):
+        return images
+    if not np.issubdtype(dtype, np.integer):
+        return images.astype(dtype)
+    values = images.astype(np.float32)
+    if scale:
+        values = values / scale + zero_point
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+
+
+def load_predictor(path: str | Path, num_threads: int | None = None) -> Predictor:
+    """Opens a model file of any kind the toolkit writes.
+
+    Labels come from the model itself when it carries them (TFLite metadata), else from `labels.txt` in the
+    model's folder or the folder above it (the run folder for `export/...` files).
+
+    Args:
+        path: `model.keras`, a SavedModel folder (with `saved_model.pb`), or a `.tflite` file.
+        num_threads: CPU threads for LiteRT (None = LiteRT's default). TensorFlow sets its threads per process,
+            so this does not apply to Keras or SavedModel files.
+
+    Returns:
+        A `Predictor`.
+
+    Raises:
+        UserError: the path does not exist or is not one of the accepted kinds, or its labels file does not
+            match the model's number of outputs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model '{path}' does not exist: pass {ACCEPTED}")
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        predictor: Predictor = _SavedModelPredictor(path)
+    elif path.is_file() and path.suffix == ".keras":
+        predictor = _KerasPredictor(path)
+    elif path.is_file() and path.suffix == ".tflite":
+        predictor = _TFLitePredictor(path, num_threads)
+        from classifier import tflite_metadata
+
+        predictor.labels = tflite_metadata.read_labels(path.read_bytes())
+    else:
+        raise UserError(f"'{path}' is not a model this toolkit can run: pass {ACCEPTED}")
+    if predictor.labels is None:
+        predictor.labels = _labels_beside(path, predictor.num_classes)
+    return predictor
+
+
+def _labels_beside(path: Path, num_classes: int) -> list[str] | None:
+    """Reads labels.txt from the model's folder or its parent (the run folder), checking the class count."""
+    folder = path.parent
+    for candidate in (folder / LABELS_FILE_NAME, folder.parent / LABELS_FILE_NAME):
+        if candidate.is_file():
+            labels = [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if len(labels) != num_classes:
+                raise UserError(
+                    f"labels file '{candidate}' has {len(labels)} names but model '{path}' has {num_classes} "
+                    "outputs: put the labels.txt of the run that trained this model beside it"
+                )
+            return labels
+    return None
+
+
+def measure_latency(predictor: Predictor, runs: int = 50, warmup: int = 5, seed: int = 0) -> dict:
+    """Times single-image predictions (batch 1), the way an app classifies one camera frame.
+
+    Args:
+        predictor: any predictor.
+        runs: timed predictions.
+        warmup: untimed predictions first (first calls allocate and compile).
+        seed: seed of the random test image.
+
+    Returns:
+        {"median_ms", "p90_ms", "runs"}.
+    """
+    size = predictor.image_size
+    image = np.random.default_rng(seed).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    image = image.astype(predictor.input_dtype)
+    for _ in range(warmup):
+        predictor.predict(image, batch_size=1)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predictor.predict(image, batch_size=1)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}

@@ -1,0 +1,171 @@
+"""Export end to end: every format written, checked against Keras, readable by MediaPipe with class names."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_inference import IMAGE_SIZE, held_out_images, make_trained_run
+
+from classifier import export, tflite_metadata
+from classifier.errors import UserError
+from classifier.export import export_run, main
+from classifier.inference import load_predictor
+
+TFLITE = ("float32", "float16", "dynamic", "int8")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, dict]:
+    """A trained run exported to every format (the default), and the returned report."""
+    run_dir = make_trained_run(tmp_path_factory.mktemp("export"))
+    report = export_run(run_dir, calibration_images=40, latency_runs=5)
+    return run_dir, report
+
+
+def test_every_format_is_written_and_passes_the_gate(exported):
+    run_dir, report = exported
+    out = run_dir / "export"
+    expected = {"saved_model", "labels.txt", "export_report.json", *(f"model_{fmt}.tflite" for fmt in TFLITE)}
+    assert {p.name for p in out.iterdir()} == expected  # nothing half-written or temporary left behind
+    assert (out / "saved_model" / "saved_model.pb").is_file()
+    assert (out / "labels.txt").read_text() == (run_dir / "labels.txt").read_text()
+    assert report["passed"] and report["failures"] == []
+    assert (report["image_size"], report["num_classes"]) == (IMAGE_SIZE, 3)  # read from model.input_shape
+    assert report["calibration_images"] == 40
+    assert json.loads((out / "export_report.json").read_text()) == report
+
+    formats = report["formats"]
+    assert set(formats) == {"keras", "saved_model", *TFLITE}
+    for fmt in TFLITE:
+        assert formats[fmt]["size_bytes"] == (out / f"model_{fmt}.tflite").stat().st_size
+        assert formats[fmt]["latency_ms"] > 0
+    # What each format is for: float16 halves the weights, dynamic and int8 quarter them.
+    assert formats["float16"]["size_bytes"] < 0.6 * formats["float32"]["size_bytes"]
+    assert formats["int8"]["size_bytes"] < 0.35 * formats["float32"]["size_bytes"]
+    assert formats["dynamic"]["size_bytes"] < 0.35 * formats["float32"]["size_bytes"]
+    # The int8 file takes camera bytes directly and returns uint8 scores MediaPipe can read.
+    assert (formats["int8"]["input_dtype"], formats["int8"]["output_dtype"]) == ("uint8", "uint8")
+    assert formats["int8"]["input_quantization"] == pytest.approx([1.0, 0.0], abs=1e-3)
+
+
+def test_report_numbers_match_a_recomputation(exported):
+    run_dir, report = exported
+    images, labels = held_out_images(run_dir)
+    keras_probs = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0)
+    keras_accuracy = np.mean(keras_probs.argmax(-1) == labels)
+    assert report["parity_images"] == len(labels)
+    assert report["formats"]["keras"]["accuracy"] == pytest.approx(keras_accuracy)
+    assert keras_accuracy >= 0.9  # far above chance (1/3): the comparison means something
+
+    for fmt in TFLITE:
+        probs = load_predictor(run_dir / "export" / f"model_{fmt}.tflite").predict(images)
+        entry = report["formats"][fmt]
+        assert entry["agreement"] == pytest.approx(np.mean(probs.argmax(-1) == keras_probs.argmax(-1))), fmt
+        assert entry["accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels)), fmt
+        assert entry["max_abs_diff"] == pytest.approx(np.max(np.abs(probs - keras_probs)), abs=1e-6), fmt
+    assert report["formats"]["float32"]["max_abs_diff"] <= 1e-4
+
+
+def test_saved_model_signatures_match_keras(exported):
+    run_dir, _ = exported
+    images, _ = held_out_images(run_dir)
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    keras_probs = keras.models.load_model(run_dir / "model.keras").predict(pixels.astype(np.float32), verbose=0)
+
+    loaded = tf.saved_model.load(str(run_dir / "export" / "saved_model"))
+    assert {"serving_default", "serving_uint8"} <= set(loaded.signatures)
+    as_float = loaded.signatures["serving_default"](images=tf.constant(pixels.astype(np.float32)))
+    as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels))
+    for result in (as_float, as_uint8):
+        np.testing.assert_allclose(result["probabilities"].numpy(), keras_probs, atol=1e-5)
+        np.testing.assert_array_equal(result["top_class"].numpy(), keras_probs.argmax(-1))
+
+
+def test_every_tflite_file_carries_labels_and_input_metadata(exported):
+    run_dir, _ = exported
+    labels = (run_dir / "labels.txt").read_text().split()
+    for fmt in TFLITE:
+        found = tflite_metadata.read_metadata((run_dir / "export" / f"model_{fmt}.tflite").read_bytes())
+        assert found["labels"] == labels and found["input_color_space"] == "RGB", fmt
+        # Float inputs take raw 0..255 pixels: mean 0 / std 1 tells MediaPipe not to rescale them.
+        if fmt == "int8":
+            assert found["input_mean"] is None
+        else:
+            assert (found["input_mean"], found["input_std"]) == ([0.0], [1.0]), fmt
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_mediapipe_image_classifier_returns_class_names(exported, fmt):
+    mp = pytest.importorskip("mediapipe")
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    run_dir, _ = exported
+    images, _ = held_out_images(run_dir)
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    class_names = (run_dir / "labels.txt").read_text().split()
+    path = run_dir / "export" / f"model_{fmt}.tflite"
+    litert_probs = load_predictor(path).predict(pixels)
+
+    options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=1)
+    with vision.ImageClassifier.create_from_options(options) as classifier:
+        for image, probs in zip(pixels, litert_probs, strict=True):
+            result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image)))
+            top = result.classifications[0].categories[0]
+            assert top.category_name == class_names[probs.argmax()]
+            assert top.score == pytest.approx(probs.max(), abs=1e-3)  # same numbers as LiteRT, not rescaled input
+
+
+def test_a_failing_format_is_renamed_and_the_command_fails(exported, tmp_path, capsys):
+    run_dir, _ = exported
+    out = tmp_path / "out"
+    # No model can have a negative probability difference: the float32 gate must fail.
+    code = main(["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--max-diff-float32", "-1"])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "float32: max probability difference" in message and "> -1" in message
+    assert not (out / "model_float32.tflite").exists()
+    assert (out / "model_float32.FAILED.tflite").is_file()
+    report = json.loads((out / "export_report.json").read_text())
+    assert not report["passed"] and not report["formats"]["float32"]["passed"]
+
+
+def test_user_mistakes_are_named(tmp_path, capsys):
+    assert main(["--run-dir", str(tmp_path / "nope")]) == 2
+    assert "nope/model.keras' does not exist" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--formats", "float32,onnx"]) == 2
+    assert "unknown export format(s) ['onnx']" in capsys.readouterr().err
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "model_int8.tflite"
+    target.write_bytes(b"previous export")
+
+    def write_half_then_die(self, payload):
+        with Path.open(self, "wb") as handle:
+            handle.write(payload[: len(payload) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export._write_atomic(target, b"new model bytes")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model_int8.tflite"]
+
+
+def test_without_mediapipe_export_says_what_to_install_or_skips_metadata(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    monkeypatch.setitem(sys.modules, "mediapipe.tasks.metadata", None)  # as if mediapipe were not installed
+    with pytest.raises(UserError, match=r"classifier\[mediapipe\].*--no-metadata"):
+        export_run(run_dir, formats=["float32"], out_dir=tmp_path)
+
+    report = export_run(run_dir, formats=["float32"], out_dir=tmp_path, metadata=False, latency_runs=1)
+    assert report["passed"]
+    predictor = load_predictor(tmp_path / "model_float32.tflite")
+    assert predictor.labels == (run_dir / "labels.txt").read_text().split()  # from labels.txt beside the file

@@ -1,0 +1,120 @@
+"""One predictor for .keras, SavedModel and .tflite: each kind agrees with Keras and finds its labels."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import write_separable_folder
+
+from classifier import data
+from classifier.errors import UserError
+from classifier.export import export_run
+from classifier.inference import load_predictor, measure_latency
+from classifier.model import build_classifier, freeze_backbone
+
+IMAGE_SIZE = 48
+
+
+def make_trained_run(root: Path, image_size: int = IMAGE_SIZE) -> Path:
+    """Trains a small classifier on generated separable images and writes a run folder like train.py does.
+
+    The offline ImageNet Lite0 weights with a frozen backbone make the head separable in a few seconds at
+    48 px; the point is exporting a real architecture (depthwise convs, ReLU6, BatchNorm), not accuracy.
+    """
+    images = write_separable_folder(root / "images", per_class=30)
+    run_dir = root / "run"
+    split = data.prepare_split(images, run_dir)
+    model = build_classifier("efficientnet_lite0", len(split.class_names), image_size, weights="imagenet")
+    freeze_backbone(model)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    train = data.make_dataset(split, "train", image_size=image_size, batch_size=16, training=True)
+    model.fit(train, epochs=8, verbose=0, shuffle=False)  # make_dataset(training=True) already shuffles
+    model.save(run_dir / "model.keras")
+    (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
+    return run_dir
+
+
+def held_out_images(run_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test split as float32 pixels 0..255 and labels."""
+    split = data.read_split(run_dir / "split.json")
+    batches = list(data.make_dataset(split, "test", image_size=image_size, batch_size=64))
+    return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A trained run with a SavedModel, a float32 and an int8 .tflite under run/export/."""
+    run_dir = make_trained_run(tmp_path_factory.mktemp("inference"))
+    report = export_run(run_dir, formats=["saved_model", "float32", "int8"], calibration_images=30, latency_runs=2)
+    assert report["passed"], report["failures"]
+    return run_dir
+
+
+def test_every_kind_agrees_with_keras_and_knows_the_class_names(exported):
+    images, labels = held_out_images(exported)
+    class_names = (exported / "labels.txt").read_text().split()
+    keras_probs = keras.models.load_model(exported / "model.keras").predict(images, verbose=0)
+    assert np.mean(keras_probs.argmax(-1) == labels) >= 0.9  # the trained model is far above chance (1/3)
+
+    cases = {
+        "keras": (exported / "model.keras", np.float32, 1e-6),
+        "saved_model": (exported / "export" / "saved_model", np.float32, 1e-5),
+        "tflite": (exported / "export" / "model_float32.tflite", np.float32, 1e-4),
+    }
+    for kind, (path, dtype, tolerance) in cases.items():
+        predictor = load_predictor(path)
+        assert (predictor.kind, predictor.image_size, predictor.input_dtype) == (kind, IMAGE_SIZE, np.dtype(dtype))
+        assert predictor.labels == class_names
+        probs = predictor.predict(images, batch_size=8)
+        assert probs.dtype == np.float32 and probs.shape == keras_probs.shape
+        np.testing.assert_allclose(probs, keras_probs, atol=tolerance, err_msg=kind)
+
+    int8 = load_predictor(exported / "export" / "model_int8.tflite", num_threads=1)
+    assert int8.input_dtype == np.uint8 and int8.labels == class_names
+    int8_probs = int8.predict(images)
+    np.testing.assert_allclose(int8_probs.sum(-1), 1.0, atol=0.05)  # dequantized probabilities, not raw bytes
+    assert np.mean(int8_probs.argmax(-1) == keras_probs.argmax(-1)) >= 0.9
+
+
+def test_uint8_and_float_pixels_and_batch_sizes_give_the_same_result(exported):
+    images, _ = held_out_images(exported)
+    pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    for name in ("model_float32.tflite", "model_int8.tflite"):
+        predictor = load_predictor(exported / "export" / name)
+        reference = predictor.predict(pixels, batch_size=len(pixels))
+        np.testing.assert_allclose(predictor.predict(pixels.astype(np.float32), batch_size=4), reference, atol=1e-6)
+        np.testing.assert_allclose(predictor.predict(pixels, batch_size=1), reference, atol=1e-6)
+
+
+def test_tflite_labels_travel_inside_the_file(exported, tmp_path):
+    lone = tmp_path / "phone" / "model.tflite"
+    lone.parent.mkdir()
+    shutil.copy(exported / "export" / "model_int8.tflite", lone)
+    assert load_predictor(lone).labels == (exported / "labels.txt").read_text().split()
+
+
+def test_latency_is_measured_at_batch_one(exported):
+    latency = measure_latency(load_predictor(exported / "export" / "model_int8.tflite"), runs=5, warmup=1)
+    assert latency["runs"] == 5 and 0 < latency["median_ms"] <= latency["p90_ms"]
+
+
+def test_bad_paths_and_inputs_are_named(exported, tmp_path):
+    with pytest.raises(UserError, match="missing.tflite.*does not exist.*SavedModel"):
+        load_predictor(tmp_path / "missing.tflite")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(UserError, match="notes.txt.*model.keras.*saved_model.pb.*tflite"):
+        load_predictor(notes)
+    with pytest.raises(UserError, match=r"\[N, 48, 48, 3\]"):
+        load_predictor(exported / "export" / "model_float32.tflite").predict(np.zeros((2, 32, 32, 3), np.uint8))
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    shutil.copy(exported / "model.keras", wrong / "model.keras")
+    (wrong / "labels.txt").write_text("only\ntwo\n")
+    with pytest.raises(UserError, match="labels.txt' has 2 names but model .* has 3 outputs"):
+        load_predictor(wrong / "model.keras")
