@@ -51,7 +51,8 @@ def load_schema() -> Any:
         raise UserError(
             "writing TFLite metadata (labels for MediaPipe and other phone runtimes) needs the metadata schema "
             f"that ships in the 'mediapipe' package, which failed to import ({error}): "
-            "run pip install mediapipe==1.2.2 (a dependency of this project: pip install -e . restores it), or export with --no-metadata "
+            "run pip install mediapipe==1.2.2 (a dependency of this project: pip install -e . restores it), "
+            "or export with --no-metadata "
             "to write .tflite files without embedded labels (labels.txt is still written beside them)"
         ) from error
     return metadata_schema_py_generated
