@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,demo]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Train the default backbone on the embedded ELPV solar-cell dataset, then export it.
+# Train the default backbone on the embedded ELPV solar-cell dataset, then export it. An interrupted demo
+# continues where it stopped; a finished one is only exported again (rm -rf saved_models/demo to retrain).
 demo: setup
-	$(PY) train.py --name demo --overwrite
+	@if [ -f saved_models/demo/metrics.json ]; then \
+	  echo "saved_models/demo is already trained (rm -rf saved_models/demo to train it again); exporting."; \
+	else $(PY) train.py --name demo; fi
 	$(PY) export.py --run-dir saved_models/demo
 
 test: setup

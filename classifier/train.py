@@ -313,6 +313,135 @@ def _restore_schedule_position(model: keras.Model, backup_dir: Path, phase: _Pha
     model.optimizer.iterations.assign(max(0, done_epochs) * steps_per_epoch)
 
 
+@dataclasses.dataclass
+class _Pipelines:
+    """The tf.data pipelines of a run: augmented training batches, validation, and the TensorBoard sample grid."""
+
+    split: data.Split
+    options: dict
+    replicas: int
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    samples: tf.data.Dataset
+    steps_per_epoch: int
+
+    @classmethod
+    def create(cls, split: data.Split, config: Config, global_batch: int, replicas: int) -> _Pipelines:
+        num_classes = len(split.class_names)
+
+        def one_hot(images, labels):  # one-hot: label smoothing, and MixUp / CutMix make soft labels
+            return images, tf.one_hot(labels, num_classes)
+
+        options = dict(
+            image_size=config.data.image_size,
+            batch_size=global_batch,
+            resize_mode=config.data.resize_mode,
+            cache_budget_mb=config.data.cache_budget_mb,
+        )
+        seed = config.data.seed
+        train = data.make_dataset(split, "train", training=True, seed=seed, **options).map(one_hot)
+        steps = math.ceil(len(split.train) / global_batch)
+        if replicas > 1:
+            # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
+            # the few images dropped are different ones every epoch (the pipeline reshuffles).
+            train = train.rebatch(global_batch, drop_remainder=True)
+            steps = len(split.train) // global_batch
+        train = augment.augment_dataset(train, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
+        # The sample grid reads 16 images of its own: a batch taken from `train` would make its full-size
+        # shuffle buffer read (and its cache then discard) the whole training set.
+        sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
+        samples = data.make_dataset(sample_split, "train", training=True, seed=seed, **options).map(one_hot)
+        samples = augment.augment_dataset(samples, config.augment, num_classes, seed)
+        pipelines = cls(split, options, replicas, train, None, samples, steps)
+        pipelines.val = pipelines.evaluation("val").map(one_hot)
+        return pipelines
+
+    def evaluation(self, subset: str) -> tf.data.Dataset:
+        """Un-augmented batches of a subset in manifest order."""
+        # Keras reduces the first batch across replicas before it builds the metrics, which fails when that batch
+        # splits unevenly (a subset smaller than the global batch): keep the first batch divisible.
+        count, batch = len(getattr(self.split, subset)), self.options["batch_size"]
+        if count < batch:
+            batch = max(self.replicas, count // self.replicas * self.replicas)
+        return data.make_dataset(self.split, subset, **dict(self.options, batch_size=batch))
+
+
+def _run_phase(
+    model: keras.Model,
+    phase: _Phase,
+    *,
+    run_dir: Path,
+    config: Config,
+    split: data.Split,
+    pipelines: _Pipelines,
+    strategy: tf.distribute.Strategy,
+    class_weight: dict | None,
+    extra_callbacks,
+) -> float | None:
+    """Freezes or unfreezes, compiles and fits one phase, resuming its backup if there is one.
+
+    Returns:
+        The phase's training throughput in images per second.
+    """
+    checkpoints, logs = run_dir / "checkpoints", run_dir / "logs"
+    best_file, best_json = checkpoints / "best.weights.h5", checkpoints / "best.json"
+    backup_dir = checkpoints / f"phase{phase.number}_backup"
+    with strategy.scope():
+        if phase.number == 1:
+            model_lib.freeze_backbone(model)
+        else:
+            model_lib.unfreeze_backbone(model, config.train.unfreeze_layers)
+        if best_file.exists():
+            model.load_weights(best_file)  # start from the best weights so far, not the last
+        steps = pipelines.steps_per_epoch
+        schedule = _learning_rate(phase.learning_rate, steps * (phase.end - phase.start), config.train.warmup_fraction)
+        _compile(model, config, schedule, config.runtime.jit_compile)
+        _restore_schedule_position(model, backup_dir, phase, steps)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    print(
+        f"Phase {phase.number}/2: {phase.description}; epochs {phase.start + 1}-{phase.end}, "
+        f"peak learning rate {phase.learning_rate:g}, {trainable:,} trainable parameters."
+    )
+    mode = "min" if config.train.monitor.endswith("loss") else "max"
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        best_file,
+        monitor=config.train.monitor,
+        mode=mode,
+        save_best_only=True,
+        save_weights_only=True,
+        initial_value_threshold=callbacks.read_best(best_json),
+    )
+    meter = callbacks.ThroughputMeter(len(split.train))
+    phase_callbacks = [
+        keras.callbacks.BackupAndRestore(backup_dir),
+        callbacks.LearningRateLogger(),
+        meter,
+        checkpoint,
+        callbacks.BestTracker(best_json, checkpoint),
+        callbacks.ConfusionMatrixLogger(logs, pipelines.val, [label for _, label in split.val], split.class_names),
+        keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
+        keras.callbacks.TensorBoard(logs, write_graph=False),
+    ]
+    if phase.start == 0:
+        phase_callbacks.append(callbacks.AugmentedSamples(logs, pipelines.samples, split.class_names))
+    if config.train.early_stopping_patience > 0:
+        # The best weights are restored from the best checkpoint at the end of training (that file survives a
+        # restart, EarlyStopping's copy in memory does not).
+        patience = config.train.early_stopping_patience
+        phase_callbacks.append(keras.callbacks.EarlyStopping(config.train.monitor, patience=patience, mode=mode))
+    model.fit(
+        pipelines.train,
+        validation_data=pipelines.val,
+        initial_epoch=phase.start,
+        epochs=phase.end,
+        class_weight=class_weight,
+        shuffle=False,  # the pipeline shuffles, seeded; Keras cannot shuffle a tf.data.Dataset anyway
+        callbacks=phase_callbacks + list(extra_callbacks),
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    return meter.steady_rate()
+
+
 def train(
     config: Config,
     *,
@@ -343,8 +472,7 @@ def train(
         run_dir, resumed = choose_run_dir(config, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, run_dir / "config.yaml")
-    checkpoints, logs = run_dir / "checkpoints", run_dir / "logs"
-    checkpoints.mkdir(exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
 
     # Data: the split is written once and reused on resume, evaluation and export.
     split = data.prepare_split(
@@ -355,7 +483,6 @@ def train(
         seed=config.data.seed,
     )
     (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
-    num_classes = len(split.class_names)
     _print_data_summary(split, run_dir)
 
     strategy = make_strategy(config.runtime.devices)
@@ -363,55 +490,26 @@ def train(
     keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
     global_batch = config.data.batch_size * strategy.num_replicas_in_sync
     data.check_batch_size(split, global_batch)
-    size = config.data.image_size
     print(
         f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
-        f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, image size {size}px."
+        f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
+        f"image size {config.data.image_size}px."
     )
-
-    def one_hot(images, labels):
-        return images, tf.one_hot(labels, num_classes)
-
-    pipeline = dict(image_size=size, batch_size=global_batch, resize_mode=config.data.resize_mode)
-    pipeline["cache_budget_mb"] = config.data.cache_budget_mb
-    train_ds = data.make_dataset(split, "train", training=True, seed=config.data.seed, **pipeline).map(one_hot)
-    if strategy.num_replicas_in_sync > 1:
-        # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
-        # the few images dropped are different ones every epoch (the pipeline reshuffles).
-        train_ds = train_ds.rebatch(global_batch, drop_remainder=True)
-    train_ds = augment.augment_dataset(train_ds, config.augment, num_classes, config.data.seed)
-    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
-    # The TensorBoard sample grid reads 16 images of its own: a batch taken from train_ds would make its
-    # full-size shuffle buffer read (and its cache discard) the whole training set.
-    sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
-    sample_ds = data.make_dataset(sample_split, "train", training=True, seed=config.data.seed, **pipeline)
-    sample_ds = augment.augment_dataset(sample_ds.map(one_hot), config.augment, num_classes, config.data.seed)
-    replicas = strategy.num_replicas_in_sync
-
-    def evaluation_set(subset: str) -> tf.data.Dataset:
-        # Keras reduces the first batch across replicas before it builds the metrics, which fails when that batch
-        # splits unevenly (a validation set smaller than the global batch): keep the first batch divisible.
-        count = len(getattr(split, subset))
-        batch = global_batch if count >= global_batch else max(replicas, count // replicas * replicas)
-        return data.make_dataset(split, subset, **dict(pipeline, batch_size=batch))
-
-    val_ds = evaluation_set("val").map(one_hot)
+    pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync)
     weights_by_class = _class_weights(config.train.class_weights, split)
     if weights_by_class:
-        print(
-            "Class weights (balanced): "
-            + ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
-        )
-    steps_per_epoch = (math.floor if strategy.num_replicas_in_sync > 1 else math.ceil)(len(split.train) / global_batch)
+        shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
+        print(f"Class weights (balanced): {shown}")
 
     with strategy.scope():
         model = model_lib.build_classifier(
-            config.model.backbone, num_classes, size, weights=config.model.weights, dropout=config.model.dropout
+            config.model.backbone,
+            len(split.class_names),
+            config.data.image_size,
+            weights=config.model.weights,
+            dropout=config.model.dropout,
         )
 
-    mode = "min" if config.train.monitor.endswith("loss") else "max"
-    best_file, best_json = checkpoints / "best.weights.h5", checkpoints / "best.json"
-    throughput: dict[str, float | None] = {}
     head, tune = config.train.head_epochs, config.train.finetune_epochs
     unfrozen = "all" if config.train.unfreeze_layers is None else f"the top {config.train.unfreeze_layers}"
     phases = [
@@ -420,75 +518,22 @@ def train(
             2, head, head + tune, config.train.finetune_lr, f"fine-tuning {unfrozen} backbone layers, BatchNorm frozen"
         ),
     ]
+    throughput = {}
     for phase in phases:
-        done_marker = checkpoints / f"phase{phase.number}.done"
+        done_marker = run_dir / "checkpoints" / f"phase{phase.number}.done"
         if phase.end == phase.start:
             print(f"Phase {phase.number}/2: skipped (0 epochs).")
-            continue
-        if done_marker.exists():
+        elif done_marker.exists():
             print(f"Phase {phase.number}/2: already finished in this run; skipping.")
-            continue
-        with strategy.scope():
-            if phase.number == 1:
-                model_lib.freeze_backbone(model)
-            else:
-                model_lib.unfreeze_backbone(model, config.train.unfreeze_layers)
-            if best_file.exists():
-                model.load_weights(best_file)  # start from the best weights so far, not the last
-            schedule = _learning_rate(
-                phase.learning_rate, steps_per_epoch * (phase.end - phase.start), config.train.warmup_fraction
-            )
-            _compile(model, config, schedule, config.runtime.jit_compile)
-            backup_dir = checkpoints / f"phase{phase.number}_backup"
-            _restore_schedule_position(model, backup_dir, phase, steps_per_epoch)
-        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        print(
-            f"Phase {phase.number}/2: {phase.description}; epochs {phase.start + 1}-{phase.end}, "
-            f"peak learning rate {phase.learning_rate:g}, {trainable:,} trainable parameters."
-        )
-        checkpoint = keras.callbacks.ModelCheckpoint(
-            best_file,
-            monitor=config.train.monitor,
-            mode=mode,
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=callbacks.read_best(best_json),
-        )
-        meter = callbacks.ThroughputMeter(len(split.train))
-        phase_callbacks = [
-            keras.callbacks.BackupAndRestore(backup_dir),
-            callbacks.LearningRateLogger(),
-            meter,
-            checkpoint,
-            callbacks.BestTracker(best_json, checkpoint),
-            callbacks.ConfusionMatrixLogger(logs, val_ds, [label for _, label in split.val], split.class_names),
-            keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
-            keras.callbacks.TensorBoard(logs, write_graph=False),
-        ]
-        if phase.number == 1 or head == 0:
-            phase_callbacks.append(callbacks.AugmentedSamples(logs, sample_ds, split.class_names))
-        if config.train.early_stopping_patience > 0:
-            # Restoring the best weights is done from the best checkpoint below, which also survives a restart.
-            phase_callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    config.train.monitor, patience=config.train.early_stopping_patience, mode=mode
-                )
-            )
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=phase.start,
-            epochs=phase.end,
-            class_weight=weights_by_class,
-            shuffle=False,  # the pipeline shuffles, seeded; Keras cannot shuffle a tf.data.Dataset anyway
-            callbacks=phase_callbacks + list(extra_callbacks),
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        throughput[f"phase{phase.number}_images_per_second"] = meter.steady_rate()
-        done_marker.touch()
+        else:
+            context = dict(run_dir=run_dir, config=config, split=split, pipelines=pipelines, strategy=strategy)
+            rate = _run_phase(model, phase, class_weight=weights_by_class, extra_callbacks=extra_callbacks, **context)
+            throughput[f"phase{phase.number}_images_per_second"] = rate
+            done_marker.touch()
 
+    best_file, best_json = run_dir / "checkpoints" / "best.weights.h5", run_dir / "checkpoints" / "best.json"
     if best_file.exists():
-        model.load_weights(best_file)
+        model.load_weights(best_file)  # early stopping's "restore the best weights", across phases and restarts
     best = json.loads(best_json.read_text()) if best_json.exists() else None
     _save_model(model, run_dir / "model.keras")
 
@@ -496,7 +541,7 @@ def train(
     for subset in ("val", "test"):
         items = getattr(split, subset)
         if items:
-            probabilities = model.predict(evaluation_set(subset), verbose=0)
+            probabilities = model.predict(pipelines.evaluation(subset), verbose=0)
             metrics[subset] = classification_metrics([label for _, label in items], probabilities, split.class_names)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
@@ -506,7 +551,7 @@ def train(
         if subset in metrics
         for key in ("accuracy", "auc")
     }
-    callbacks.write_hparams(logs, _flat_hparams(config), {k: v for k, v in final.items() if v is not None})
+    callbacks.write_hparams(run_dir / "logs", _flat_hparams(config), {k: v for k, v in final.items() if v is not None})
     _write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks the run as finished
     _print_summary(run_dir, metrics)
     return run_dir
