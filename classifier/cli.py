@@ -10,6 +10,9 @@ import sys
 COMMANDS = {
     "train": ("classifier.train", "fine-tune a backbone on a folder of images"),
     "export": ("classifier.export", "write SavedModel and TFLite files, checked against the Keras model"),
+    "evaluate": ("classifier.evaluate", "metrics, confusion matrix, ROC and calibration of any model file"),
+    "predict": ("classifier.predict", "classify image files, folders or globs; CSV or JSON"),
+    "benchmark": ("classifier.benchmark", "latency, throughput and size of a model file"),
 }
 
 

@@ -32,6 +32,8 @@ class DataConfig:
         resize_mode: `stretch` (whole image, aspect ignored) or `crop` (aspect kept, centre crop).
         cache_budget_mb: Decoded images are kept in memory when they fit in this budget (decode once).
         batch_size: Images per replica per step; the global batch is this times the number of replicas.
+        positive_class: Two-class tasks: the class a positive result means (the finding: `pneumonia`,
+            `defective`); null takes the second class name.
     """
 
     data_dir: str | None = None
@@ -43,6 +45,7 @@ class DataConfig:
     resize_mode: str = "stretch"
     cache_budget_mb: int = 2048
     batch_size: int = 32
+    positive_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class TrainConfig:
         class_weights: `auto` (balanced weights when the largest class is over 1.5x the smallest), `on` or `off`.
         monitor: Validation metric that picks the best checkpoint and drives early stopping.
         early_stopping_patience: Epochs without improvement of `monitor` before a phase stops (0 disables).
+        operating_point: Two-class tasks: how the decision threshold is chosen on the validation split, `youden`
+            (best sensitivity + specificity) or `sensitivity:0.95` (the highest threshold that still finds 95 % of
+            the positives, the way screening is run).
     """
 
     head_epochs: int = 5
@@ -91,6 +97,7 @@ class TrainConfig:
     class_weights: str = "auto"
     monitor: str = "val_loss"
     early_stopping_patience: int = 5
+    operating_point: str = "youden"
 
 
 @dataclass(frozen=True)

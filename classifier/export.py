@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import operating_point
 from classifier.errors import UserError, run_cli
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
@@ -148,6 +149,8 @@ def export_run(
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "labels.txt", "".join(f"{label}\n" for label in labels).encode())
+    if (run_dir / operating_point.FILE_NAME).exists():  # the two-class decision threshold travels with the files
+        _write_atomic(out_dir / operating_point.FILE_NAME, (run_dir / operating_point.FILE_NAME).read_bytes())
 
     files: dict[str, Path] = {}
     if "saved_model" in formats:

@@ -162,7 +162,7 @@ def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
 def test_without_mediapipe_export_says_what_to_install_or_skips_metadata(exported, tmp_path, monkeypatch):
     run_dir, _ = exported
     monkeypatch.setitem(sys.modules, "mediapipe.tasks.metadata", None)  # as if mediapipe were not installed
-    with pytest.raises(UserError, match=r"classifier\[mediapipe\].*--no-metadata"):
+    with pytest.raises(UserError, match=r"pip install mediapipe==1.2.2.*--no-metadata"):
         export_run(run_dir, formats=["float32"], out_dir=tmp_path)
 
     report = export_run(run_dir, formats=["float32"], out_dir=tmp_path, metadata=False, latency_runs=1)

@@ -1,0 +1,569 @@
+"""`classifier evaluate`: how good a model is, in numbers and figures a clinician or a quality engineer can read.
+
+One implementation for every model kind (model.keras, an exported SavedModel folder, any .tflite), through
+`classifier.inference`, on the same pixels as training (`data.load_and_resize` with the run's resize mode). The
+images are a run's held-out TEST split (`--run-dir`) or a folder with one subfolder per class (`--data-dir`).
+
+Writes into the output folder (default `RUN/evaluation/<model>`, e.g. `evaluation/keras` or
+`evaluation/model_int8`): `evaluation.json` (keys in `JSON_KEYS`), `predictions.csv` (one row per image: true
+and predicted class, probabilities, correct or not), and the figures `confusion_matrix.png`,
+`confusion_matrix_normalized.png`, `roc_curve.png`, `reliability_diagram.png`; a readable table is printed.
+
+Two-class tasks also get sensitivity/specificity/PPV/NPV at the default 0.5 and at the run's operating point
+(`operating_point.json`, see `classifier.operating_point`), which `--choose-threshold` (re)computes on the
+validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from classifier import operating_point as op_lib
+from classifier.errors import UserError, run_cli
+from classifier.predict import find_run_dir, open_model, predict_files, run_resize_mode
+
+SCHEMA_VERSION = 1
+REPORT_FILE = "evaluation.json"
+PREDICTIONS_FILE = "predictions.csv"
+FIGURES = {
+    "confusion_matrix": "confusion_matrix.png",
+    "confusion_matrix_normalized": "confusion_matrix_normalized.png",
+    "roc_curve": "roc_curve.png",
+    "reliability_diagram": "reliability_diagram.png",
+}
+# The documented schema of evaluation.json (tests check reports against it).
+JSON_KEYS = (
+    "schema_version",  # 1
+    "created",  # ISO 8601 UTC time
+    "model",  # MODEL_KEYS
+    "data",  # DATA_KEYS
+    "class_names",  # names in label order
+    "count",  # images evaluated
+    "loss",  # cross-entropy (natural log)
+    "accuracy",  # top-1, most probable class
+    "balanced_accuracy",  # mean recall over classes
+    "auc",  # ROC-AUC: binary on label 1, else macro one-vs-rest; None when a class has no image
+    "per_class",  # {class: {precision, recall, f1, support}}
+    "macro_avg",  # {precision, recall, f1, support}: unweighted mean over classes
+    "weighted_avg",  # the same weighted by support
+    "confusion_matrix",  # counts, rows = true class, columns = predicted class
+    "confusion_matrix_normalized",  # each row divided by its total (recall on the diagonal)
+    "roc_auc",  # {"average": as auc, "per_class": {class: one-vs-rest AUC or None}}
+    "ece",  # expected calibration error, top-label, equal-width bins
+    "ece_bins",  # number of bins of the ECE and of the reliability diagram
+    "binary",  # None for more than two classes, else BINARY_KEYS
+    "operating_point",  # the stored operating point used (operating_point.json content + "path"), or None
+    "output_dir",  # folder holding the files below
+    "files",  # {"report", "predictions", and each of FIGURES' keys: file name in output_dir}
+)
+MODEL_KEYS = ("path", "kind", "image_size", "resize_mode")
+DATA_KEYS = ("source", "run_dir", "data_dir", "subset", "skipped")  # skipped: [{"path", "reason"}]
+BINARY_KEYS = ("positive_class", "positive_index", "default", "operating_point")  # the last two: THRESHOLD_KEYS/None
+THRESHOLD_KEYS = (
+    "threshold",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "accuracy",
+    "balanced_accuracy",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+)
+
+
+def _model_name(model: Path, kind: str) -> str:
+    """Folder name for a model's evaluation: the kind, or the file name for .tflite (float32 vs int8 differ)."""
+    return model.stem if kind == "tflite" else kind
+
+
+def _images_from_folder(data_dir: str, subset: str | None) -> tuple[str, list[tuple[str, int]], list[str], list]:
+    """(root, [(relative path, label)], class names, skipped) of a class-folder or pre-split data folder."""
+    from classifier import data
+
+    scan = data.scan_folder(data_dir)
+    if scan.presplit:
+        wanted = subset or ("test" if "test" in scan.images else "val")
+        if wanted not in scan.images:
+            raise UserError(
+                f"data folder '{scan.root}' has no {wanted} folder (it has {', '.join(sorted(scan.folders.values()))}):"
+                f" pass --subset with one of {', '.join(sorted(scan.images))}"
+            )
+        return scan.root, scan.images[wanted], scan.class_names, scan.skipped
+    if subset not in (None, "all"):
+        raise UserError(
+            f"--subset {subset} applies to a run's split or a pre-split folder; '{scan.root}' has one subfolder per "
+            "class, all of which is evaluated: drop --subset"
+        )
+    return scan.root, scan.images["all"], scan.class_names, scan.skipped
+
+
+def _run_image_size(run_dir: Path | None) -> int | None:
+    """data.image_size from a run's config.yaml, or None."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    import yaml
+
+    size = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("image_size")
+    return int(size) if size is not None else None
+
+
+def _map_labels(items: list[tuple[str, int]], folder_classes: list[str], model_classes: list[str], source: str):
+    """Relabels folder classes to the model's label indices by name."""
+    unknown = [name for name in folder_classes if name not in model_classes]
+    if unknown:
+        raise UserError(
+            f"class folder(s) {unknown} in '{source}' are not classes of the model ({', '.join(model_classes)}): "
+            "rename or remove them, or evaluate a model trained on these classes"
+        )
+    index = [model_classes.index(name) for name in folder_classes]
+    return [(path, index[label]) for path, label in items]
+
+
+def _resolve_point(point: dict | None, class_names: list[str], positive_class: str | None) -> dict | None:
+    """The stored operating point when it fits this model and positive class, else None (with a note why)."""
+    if point is None or len(class_names) != 2:
+        return None
+    if list(point["class_names"]) != list(class_names):
+        print(f"note: ignoring {point['path']}: made for classes {point['class_names']}", file=sys.stderr)
+        return None
+    if positive_class is not None and positive_class != point["positive_class"]:
+        print(
+            f"note: ignoring {point['path']}: its positive class is '{point['positive_class']}', not "
+            f"'{positive_class}'; choose a threshold for it with --choose-threshold",
+            file=sys.stderr,
+        )
+        return None
+    return point
+
+
+def choose_threshold(
+    predictor,
+    run_dir: Path,
+    method: str,
+    *,
+    positive_class: str | None = None,
+    resize_mode: str = "stretch",
+    batch_size: int = 32,
+    destination: Path | None = None,
+) -> dict:
+    """(Re)computes the operating point of a two-class model on its run's VALIDATION split and stores it.
+
+    Args:
+        predictor: The model (an `inference.Predictor`).
+        run_dir: Run folder with split.json.
+        method: "youden" or "sensitivity:T" (`operating_point.parse_method`).
+        positive_class: Name of the positive class; default the second class.
+        resize_mode: As in training.
+        batch_size: Images per model call.
+        destination: Folder for operating_point.json; default the model's folder (the run folder for
+            model.keras, export/ for exported files, so each file keeps the threshold measured on it).
+
+    Returns:
+        The stored operating point, with "path".
+
+    Raises:
+        UserError: a bad method, not a two-class task, unreadable validation images, one class only in val.
+    """
+    from classifier import data
+
+    name, target = op_lib.parse_method(method)
+    split = data.read_split(run_dir / data.SPLIT_FILE)
+    op_lib.resolve_positive_class(split.class_names, positive_class)  # fail before predicting on a bad name
+    paths = [str(Path(split.root) / rel) for rel, _ in split.val]
+    probabilities, errors = predict_files(
+        predictor, paths, resize_mode=resize_mode, batch_size=batch_size, description="validation"
+    )
+    if errors:
+        first = next(iter(errors.items()))
+        raise UserError(
+            f"{len(errors)} validation image(s) cannot be read, e.g. '{paths[first[0]]}' ({first[1]}): restore the "
+            f"data folder '{split.root}' the run was trained on"
+        )
+    point = op_lib.operating_point_for(
+        np.array([label for _, label in split.val]),
+        probabilities,
+        split.class_names,
+        method=name,
+        target_sensitivity=target,
+        positive_class=positive_class,
+    )
+    point["model"] = predictor.path
+    model_path = Path(predictor.path)
+    path = op_lib.write_operating_point(destination or model_path.parent, point)
+    point["path"] = str(path)
+    return point
+
+
+def evaluate(
+    model: str | Path | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    subset: str | None = None,
+    output_dir: str | Path | None = None,
+    positive_class: str | None = None,
+    threshold_method: str | None = None,
+    batch_size: int = 32,
+    threads: int | None = None,
+    resize_mode: str | None = None,
+    n_bins: int = 10,
+) -> dict:
+    """Evaluates a model on a run's test split or on a folder of labelled images; writes the report and figures.
+
+    Args:
+        model: model.keras, a SavedModel folder or a .tflite file; default `run_dir/model.keras`.
+        run_dir: A training run folder: its split (test subset unless `subset`), config and operating point.
+        data_dir: A folder with one subfolder per class (or train/ val/ test/): evaluated instead of the run's
+            split. With `run_dir` too, the run still supplies the settings, the default model and output folder.
+        subset: "test" (default), "val" or "train" of the run's split or of a pre-split folder.
+        output_dir: Where to write; default `<run or model folder>/evaluation/<model name>[-<subset or folder>]`.
+        positive_class: Two-class tasks: the class that counts as positive; default the second in labels.txt.
+        threshold_method: "youden" or "sensitivity:T": choose the operating point on the validation split first
+            and store it beside the model (see `choose_threshold`).
+        batch_size: Images per model call.
+        threads: CPU threads (see `predict.open_model`).
+        resize_mode: Override the run's data.resize_mode ("stretch" when there is no run).
+        n_bins: Bins of the ECE and the reliability diagram.
+
+    Returns:
+        The report written to evaluation.json (keys: `JSON_KEYS`).
+
+    Raises:
+        UserError: no data source, a missing model or run file, classes that do not match the model, no
+            readable image, or an invalid option.
+    """
+    from classifier import data, metrics, plots
+
+    if run_dir is None and data_dir is None:
+        raise UserError(
+            "nothing to evaluate on: pass --run-dir RUN (its test split) or --data-dir DIR (one subfolder per class)"
+        )
+    if subset not in (None, "all", *data.SUBSETS):
+        raise UserError(f"--subset {subset} is unknown: use one of {', '.join(data.SUBSETS)}")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise UserError(f"run folder '{run_dir}' does not exist: pass --run-dir saved_models/<run>")
+    if model is None:
+        if run_dir is None:
+            raise UserError("no model: pass --model (model.keras, a SavedModel folder or a .tflite file)")
+        model = run_dir / "model.keras"
+        if not model.is_file():
+            raise UserError(f"run folder '{run_dir}' has no model.keras: let training finish, or pass --model")
+    model = Path(model)
+    settings_run = run_dir or find_run_dir(model)
+    resize_mode = resize_mode or run_resize_mode(settings_run) or "stretch"
+    predictor = open_model(model, threads)
+    trained_size = _run_image_size(settings_run)
+    if trained_size is not None and trained_size != predictor.image_size:
+        print(
+            f"note: {model} takes {predictor.image_size} px images but its run trained at {trained_size} px; "
+            f"evaluating at {predictor.image_size} px",
+            file=sys.stderr,
+        )
+
+    if data_dir is not None:
+        root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset)
+        class_names = predictor.labels or (
+            data.read_split(settings_run / data.SPLIT_FILE).class_names
+            if settings_run is not None and (settings_run / data.SPLIT_FILE).is_file()
+            else folder_classes
+        )
+        items = _map_labels(items, folder_classes, list(class_names), root)
+        source, subset_name = "folder", subset or ("test" if Path(root, "test").is_dir() else "all")
+    else:
+        split = data.read_split(run_dir / data.SPLIT_FILE)
+        subset_name = subset if subset not in (None, "all") else "test"
+        items, class_names, skipped, root, source = split.subset(subset_name), split.class_names, [], split.root, "run"
+        if not items:
+            raise UserError(
+                f"the {subset_name} split of '{run_dir}' is empty: evaluate --subset val, or train with "
+                "--set data.test_fraction=0.15"
+            )
+        if predictor.labels and list(predictor.labels) != list(class_names):
+            raise UserError(
+                f"model '{model}' has classes {predictor.labels} but run '{run_dir}' has {class_names}: evaluate "
+                "the run's own model, or pass --data-dir with this model's classes"
+            )
+    class_names = list(class_names)
+    if len(class_names) != predictor.num_classes:
+        raise UserError(
+            f"model '{model}' has {predictor.num_classes} outputs but the data has {len(class_names)} classes "
+            f"({', '.join(class_names)}): evaluate it on data with its own classes"
+        )
+    if positive_class is not None:
+        op_lib.resolve_positive_class(class_names, positive_class)
+
+    if threshold_method is not None:
+        if settings_run is None or not (settings_run / data.SPLIT_FILE).is_file():
+            raise UserError(
+                "--choose-threshold needs the run's validation split: pass --run-dir saved_models/<run> (with "
+                "split.json)"
+            )
+        point = choose_threshold(
+            predictor,
+            settings_run,
+            threshold_method,
+            positive_class=positive_class,
+            resize_mode=resize_mode,
+            batch_size=batch_size,
+        )
+        print(
+            f"Operating point ({point['method']}) on {point['count']} validation images: threshold "
+            f"{point['threshold']:.4f}, sensitivity {point['sensitivity']:.3f}, specificity "
+            f"{point['specificity']:.3f}; saved to {point['path']}"
+        )
+    else:
+        point = op_lib.find_operating_point(model)
+        if point is None and settings_run is not None:
+            point = op_lib.read_operating_point(settings_run)
+    point = _resolve_point(point, class_names, positive_class)
+    if len(class_names) == 2:
+        positive_index = (
+            point["positive_index"] if point else op_lib.resolve_positive_class(class_names, positive_class)
+        )
+    else:
+        positive_index = 1
+
+    paths = [str(Path(root) / rel) for rel, _ in items]
+    probabilities, errors = predict_files(
+        predictor,
+        paths,
+        resize_mode=resize_mode,
+        batch_size=batch_size,
+        description=f"evaluating {subset_name}",
+        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+    )
+    skipped = list(skipped) + [{"path": items[i][0], "reason": reason} for i, reason in sorted(errors.items())]
+    keep = [i for i in range(len(items)) if i not in errors]
+    if not keep:
+        raise UserError(f"none of the {len(items)} images under '{root}' could be read: see the messages above")
+    y_true = np.array([items[i][1] for i in keep])
+    probabilities = probabilities[keep]
+    kept_paths = [items[i][0] for i in keep]
+
+    result = metrics.evaluation_metrics(
+        y_true,
+        probabilities,
+        class_names,
+        positive_index=positive_index,
+        threshold=point["threshold"] if point else None,
+        n_bins=n_bins,
+    )
+    if output_dir is None:
+        suffix = "" if source == "run" and subset_name == "test" else f"-{subset_name}"
+        if source == "folder":
+            suffix = f"-{Path(root).name}" + ("" if subset_name == "all" else f"-{subset_name}")
+        base = settings_run if settings_run is not None else model.resolve().parent
+        output_dir = base / "evaluation" / f"{_model_name(model, predictor.kind)}{suffix}"
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    title = f"{model.name} on {len(y_true)} {subset_name} images"
+    y_pred = probabilities.argmax(axis=1)
+    plots.plot_confusion_matrices(
+        y_true,
+        y_pred,
+        class_names,
+        output_dir / FIGURES["confusion_matrix"],
+        output_dir / FIGURES["confusion_matrix_normalized"],
+        title,
+    )
+    marks = {}
+    if result["binary"]:
+        marks = {"default": result["binary"]["default"], "operating point": result["binary"]["operating_point"]}
+    plots.plot_roc(y_true, probabilities, class_names, output_dir / FIGURES["roc_curve"], title, positive_index, marks)
+    plots.plot_reliability(
+        y_true,
+        probabilities,
+        class_names,
+        output_dir / FIGURES["reliability_diagram"],
+        title,
+        result["ece"],
+        positive_index,
+        n_bins,
+    )
+    _write_predictions(output_dir / PREDICTIONS_FILE, kept_paths, y_true, probabilities, class_names)
+
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"path": str(model), "kind": predictor.kind, "image_size": predictor.image_size},
+        "data": {
+            "source": source,
+            "run_dir": str(run_dir) if run_dir is not None else None,
+            "data_dir": str(root),
+            "subset": subset_name,
+            "skipped": skipped,
+        },
+        "class_names": class_names,
+        **result,
+        "operating_point": point,
+        "output_dir": str(output_dir),
+        "files": {"report": REPORT_FILE, "predictions": PREDICTIONS_FILE, **FIGURES},
+    }
+    report["model"]["resize_mode"] = resize_mode
+    report = {key: report[key] for key in JSON_KEYS}
+    temporary = output_dir / f".{REPORT_FILE}.partial"
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(output_dir / REPORT_FILE)
+    return report
+
+
+def _write_predictions(path: Path, paths: list[str], y_true, probabilities, class_names: list[str]) -> None:
+    """One row per image, so the misclassified ones can be found and looked at."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true_label", "predicted_label", "correct", *(f"p_{name}" for name in class_names)])
+        for rel, label, scores in zip(paths, y_true, probabilities, strict=True):
+            predicted = int(scores.argmax())
+            writer.writerow(
+                [rel, class_names[label], class_names[predicted], int(predicted == label)]
+                + [f"{value:.6f}" for value in scores]
+            )
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_report(report: dict) -> str:
+    """The evaluation as a plain-text table for the terminal."""
+    names = report["class_names"]
+    width = max(12, *(len(name) for name in names)) + 2
+    data = report["data"]
+    lines = [
+        f"Evaluation of {report['model']['path']} ({report['model']['kind']}, {report['model']['image_size']} px, "
+        f"{report['model']['resize_mode']}) on {report['count']} {data['subset']} images from {data['data_dir']}",
+        "",
+        f"{'class':<{width}}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}{'AUC':>8}",
+    ]
+    for name in names:
+        scores = report["per_class"][name]
+        lines.append(
+            f"{name:<{width}}{scores['precision']:>10.3f}{scores['recall']:>8.3f}{scores['f1']:>8.3f}"
+            f"{scores['support']:>9d}{_number(report['roc_auc']['per_class'][name]):>8}"
+        )
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        scores = report[key]
+        lines.append(
+            f"{label:<{width}}{scores['precision']:>10.3f}{scores['recall']:>8.3f}{scores['f1']:>8.3f}"
+            f"{scores['support']:>9d}"
+        )
+    lines += [
+        "",
+        f"accuracy {report['accuracy']:.3f}   balanced accuracy {report['balanced_accuracy']:.3f}   "
+        f"ROC-AUC {_number(report['auc'])}   ECE {report['ece']:.3f}   log loss {report['loss']:.3f}",
+        "",
+        "Confusion matrix (rows: true class, columns: predicted class):",
+    ]
+    short = [name[:10] for name in names]
+    lines.append(f"{'':<{width}}" + "".join(f"{name:>11}" for name in short))
+    for name, row in zip(names, report["confusion_matrix"], strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{count:>11d}" for count in row))
+    binary = report["binary"]
+    if binary:
+        lines += ["", f"Positive class: {binary['positive_class']}"]
+        header = f"{'':<36}{'threshold':>10}{'sensitivity':>13}{'specificity':>13}{'PPV':>8}{'NPV':>8}{'accuracy':>10}"
+        lines.append(header)
+        rows = [("default (0.5)", binary["default"])]
+        point = report["operating_point"]
+        if point:
+            target = f" {point['target_sensitivity']:g}" if point.get("target_sensitivity") else ""
+            rows.append((f"operating point ({point['method']}{target})", binary["operating_point"]))
+        for label, entry in rows:
+            lines.append(
+                f"{label:<36}{entry['threshold']:>10.4f}{_number(entry['sensitivity']):>13}"
+                f"{_number(entry['specificity']):>13}{_number(entry['precision']):>8}{_number(entry['npv']):>8}"
+                f"{_number(entry['accuracy']):>10}"
+            )
+        if not point:
+            lines.append("(no operating point stored: choose one with --choose-threshold youden|sensitivity:0.95)")
+    if data["skipped"]:
+        lines += ["", f"Skipped {len(data['skipped'])} unreadable image(s), listed in {REPORT_FILE}."]
+    lines += ["", f"Report, predictions and figures: {report['output_dir']}"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `classifier evaluate` options."""
+    parser = argparse.ArgumentParser(
+        prog="classifier evaluate",
+        description="Evaluate model.keras, a SavedModel or a .tflite file on a run's test split or a folder of "
+        "labelled images: metrics JSON, per-image CSV, figures, and a table on the terminal.",
+    )
+    parser.add_argument("--model", default=None, help="model file or SavedModel folder (default: RUN_DIR/model.keras)")
+    parser.add_argument("--run-dir", default=None, help="run folder: its test split, settings and operating point")
+    parser.add_argument("--data-dir", default=None, help="folder with one subfolder per class (instead of the split)")
+    parser.add_argument(
+        "--subset", choices=("train", "val", "test"), default=None, help="which split to evaluate (default test)"
+    )
+    parser.add_argument("--output-dir", default=None, help="default: RUN_DIR/evaluation/<model name>")
+    parser.add_argument(
+        "--positive-class", default=None, help="two-class tasks: the positive class (default: 2nd line of labels.txt)"
+    )
+    parser.add_argument(
+        "--choose-threshold",
+        nargs="?",
+        const="youden",
+        default=None,
+        metavar="METHOD",
+        help="two-class tasks: choose the decision threshold on the validation split first and store it as "
+        "operating_point.json beside the model; METHOD is youden (default) or sensitivity:T, e.g. sensitivity:0.95",
+    )
+    parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        metavar="T",
+        help="shorthand for --choose-threshold sensitivity:T",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: runtime's)")
+    parser.add_argument(
+        "--resize-mode", choices=("stretch", "crop"), default=None, help="default: the run's data.resize_mode"
+    )
+    parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`classifier evaluate`."""
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        method = args.choose_threshold
+        if args.target_sensitivity is not None:
+            if method not in (None, "youden") and not method.startswith("sensitivity"):
+                raise UserError("pass either --choose-threshold METHOD or --target-sensitivity T, not both")
+            method = f"sensitivity:{args.target_sensitivity}"
+        report = evaluate(
+            args.model,
+            run_dir=args.run_dir,
+            data_dir=args.data_dir,
+            subset=args.subset,
+            output_dir=args.output_dir,
+            positive_class=args.positive_class,
+            threshold_method=method,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            resize_mode=args.resize_mode,
+        )
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

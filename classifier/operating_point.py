@@ -1,0 +1,240 @@
+"""The decision threshold of a binary classifier, chosen on the validation split and stored with the run.
+
+A softmax model calls a case positive above 0.5 by default, which is rarely what a clinic or an inspection line
+wants: missing a finding or a defect usually costs more than a second look. The threshold is chosen on the
+VALIDATION split (never the test split, which must stay an unbiased estimate), either by Youden's J (the point of
+the ROC curve farthest above the diagonal: sensitivity + specificity - 1 is largest) or as the highest threshold
+that still reaches a target sensitivity (the best specificity at that sensitivity).
+
+It is stored as `RUN/operating_point.json`; export copies it into `export/`, and evaluate and predict use it when
+it is there. A case is called positive when its positive-class probability is >= the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from classifier.errors import UserError
+
+FILE_NAME = "operating_point.json"
+METHODS = ("youden", "sensitivity")
+# Keys every operating_point.json has (the file may carry more).
+KEYS = (
+    "threshold",
+    "method",
+    "target_sensitivity",
+    "positive_class",
+    "positive_index",
+    "class_names",
+    "subset",
+    "count",
+    "positives",
+    "sensitivity",
+    "specificity",
+    "youden_j",
+)
+
+
+def parse_method(text: str) -> tuple[str, float | None]:
+    """Parses `youden` or `sensitivity:0.95` (the `--choose-threshold` value) into (method, target sensitivity).
+
+    Raises:
+        UserError: anything else, or a target outside (0, 1].
+    """
+    method, _, value = text.strip().partition(":")
+    if method == "youden" and not value:
+        return "youden", None
+    if method == "sensitivity":
+        try:
+            target = float(value)
+        except ValueError:
+            target = None
+        if target is not None and 0 < target <= 1:
+            return "sensitivity", target
+    raise UserError(
+        f"threshold method '{text}' is unknown: use 'youden' or 'sensitivity:T' with a target sensitivity T in (0, 1], "
+        "e.g. sensitivity:0.95"
+    )
+
+
+def choose_operating_point(
+    y_true: np.ndarray, p_positive: np.ndarray, method: str = "youden", target_sensitivity: float | None = None
+) -> dict:
+    """Chooses a decision threshold from labelled scores.
+
+    Args:
+        y_true: 1 for a positive case, 0 for a negative one, shape [N]; both must occur.
+        p_positive: Positive-class probability of each case, shape [N].
+        method: "youden" (maximise sensitivity + specificity - 1) or "sensitivity" (the highest threshold whose
+            sensitivity is >= `target_sensitivity`, i.e. the best specificity at that sensitivity).
+        target_sensitivity: Required for method "sensitivity", in (0, 1].
+
+    Returns:
+        {threshold, method, target_sensitivity, sensitivity, specificity, youden_j, count, positives}: the
+        sensitivity and specificity are those of `p_positive >= threshold` on these cases.
+
+    Raises:
+        UserError: unknown method, missing or out-of-range target, or only one class among the cases.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(p_positive, dtype=np.float64)
+    if method not in METHODS:
+        raise UserError(f"threshold method '{method}' is unknown: use one of {', '.join(METHODS)}")
+    if method == "sensitivity" and (target_sensitivity is None or not 0 < target_sensitivity <= 1):
+        raise UserError(
+            f"target sensitivity {target_sensitivity!r} is not in (0, 1]: pass e.g. --target-sensitivity 0.95"
+        )
+    positives = int(y_true.sum())
+    if positives == 0 or positives == len(y_true):
+        raise UserError(
+            f"the validation split has {positives} positive and {len(y_true) - positives} negative images: a "
+            "threshold needs both; train with a larger --set data.val_fraction or on more images"
+        )
+    # Every distinct score is a candidate (drop_intermediate=False); index 0 is scikit-learn's "call nothing
+    # positive" point (threshold inf), which is never a useful operating point.
+    fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    # tpr and fpr only grow as the threshold falls: the first point that reaches the target has the lowest fpr.
+    reaches_target = tpr >= (target_sensitivity or 0.0) - 1e-12
+    index = int(np.argmax(tpr - fpr if method == "youden" else reaches_target))
+    # Put the threshold halfway down to the next lower score: the validation decisions stay the same, but a
+    # case scored exactly at the chosen value, or a few 1e-6 lower by another export format, is not flipped.
+    threshold = thresholds[index]
+    if index + 1 < len(thresholds):
+        threshold = (thresholds[index] + thresholds[index + 1]) / 2
+    called = scores >= threshold
+    sensitivity = float(called[y_true].mean())
+    specificity = float((~called[~y_true]).mean())
+    return {
+        "threshold": float(threshold),
+        "method": method,
+        "target_sensitivity": target_sensitivity if method == "sensitivity" else None,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "youden_j": sensitivity + specificity - 1,
+        "count": int(len(y_true)),
+        "positives": positives,
+    }
+
+
+def resolve_positive_class(class_names: list[str], positive_class: str | None = None) -> int:
+    """The label index of the positive class: `positive_class` by name, else 1 (the second line of labels.txt).
+
+    Raises:
+        UserError: the task is not binary, or the name is not one of the classes.
+    """
+    if len(class_names) != 2:
+        raise UserError(
+            f"operating points are for two-class tasks; this model has {len(class_names)} classes "
+            f"({', '.join(class_names)}): drop --choose-threshold / --positive-class"
+        )
+    if positive_class is None:
+        return 1
+    if positive_class not in class_names:
+        raise UserError(
+            f"--positive-class '{positive_class}' is not a class of this model: use one of {', '.join(class_names)}"
+        )
+    return class_names.index(positive_class)
+
+
+def operating_point_for(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: list[str],
+    *,
+    method: str = "youden",
+    target_sensitivity: float | None = None,
+    positive_class: str | None = None,
+    subset: str = "val",
+) -> dict:
+    """Chooses the operating point of a binary model from its validation predictions (what training calls).
+
+    Args:
+        labels: Integer labels of the validation images, shape [N].
+        probabilities: The model's probabilities on them, shape [N, 2].
+        class_names: The two class names in label order.
+        method: "youden" or "sensitivity".
+        target_sensitivity: For method "sensitivity".
+        positive_class: Name of the positive class; default the second class (label 1).
+        subset: Which split the predictions come from (recorded in the file).
+
+    Returns:
+        The `choose_operating_point` result plus positive_class, positive_index, class_names, subset, created:
+        the content of `operating_point.json`.
+
+    Raises:
+        UserError: see `resolve_positive_class` and `choose_operating_point`.
+    """
+    positive_index = resolve_positive_class(class_names, positive_class)
+    probabilities = np.asarray(probabilities)
+    point = choose_operating_point(
+        np.asarray(labels) == positive_index, probabilities[:, positive_index], method, target_sensitivity
+    )
+    point.update(
+        positive_class=class_names[positive_index],
+        positive_index=positive_index,
+        class_names=list(class_names),
+        subset=subset,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    return point
+
+
+def write_operating_point(run_dir: str | os.PathLike, point: dict) -> Path:
+    """Writes `point` (from `operating_point_for`) as `run_dir/operating_point.json`, atomically; returns the path."""
+    missing = [key for key in KEYS if key not in point]
+    assert not missing, f"operating point lacks {missing}"
+    path = Path(run_dir) / FILE_NAME
+    temporary = path.with_name(f".{FILE_NAME}.partial")
+    temporary.write_text(json.dumps(point, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
+    """Reads an operating point.
+
+    Args:
+        path_or_dir: An `operating_point.json`, or a folder holding one (a run folder or its `export/`).
+
+    Returns:
+        The stored dict, or None when there is none.
+
+    Raises:
+        UserError: the file exists but is not a valid operating point.
+    """
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.is_file():
+        return None
+    try:
+        point = json.loads(path.read_text())
+        missing = [key for key in KEYS if key not in point]
+        if missing:
+            raise KeyError(", ".join(missing))
+        point["threshold"] = float(point["threshold"])
+        point["positive_index"] = int(point["positive_index"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"'{path}' is not a valid operating point ({type(error).__name__}: {error}): delete it, or choose the "
+            "threshold again with `classifier evaluate --run-dir RUN --choose-threshold youden`"
+        ) from None
+    point["path"] = str(path)
+    return point
+
+
+def find_operating_point(model_path: str | os.PathLike) -> dict | None:
+    """The operating point that belongs to a model file: beside it (export/) or in the run folder above it."""
+    model_path = Path(model_path).resolve()
+    for folder in (model_path.parent, model_path.parent.parent):
+        point = read_operating_point(folder)
+        if point is not None:
+            return point
+    return None
