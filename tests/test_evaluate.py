@@ -46,6 +46,16 @@ def read_predictions(folder: Path) -> dict[str, list[float]]:
         return {row["path"]: [float(row["p_clear"]), float(row["p_lesion"])] for row in csv.DictReader(handle)}
 
 
+def test_training_stores_a_youden_threshold_and_export_ships_it(run_dir):
+    point = operating_point.read_operating_point(run_dir)
+    assert point["method"] == "youden" and point["positive_class"] == "lesion" and point["subset"] == "val"
+    assert point["sensitivity"] + point["specificity"] - 1 == pytest.approx(point["youden_j"])
+    shipped = operating_point.read_operating_point(run_dir / "export")
+    assert {k: v for k, v in shipped.items() if k != "path"} == {k: v for k, v in point.items() if k != "path"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["operating_point"]["threshold"] == point["threshold"]
+
+
 def test_keras_and_tflite_give_the_same_metrics(run_dir, capsys):
     keras_report = evaluate.evaluate(run_dir=run_dir)
     tflite_report = evaluate.evaluate(run_dir / "export" / "model_float32.tflite", run_dir=run_dir)

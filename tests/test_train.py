@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import yaml
 from conftest import write_separable_folder
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from classifier import augment
@@ -65,6 +66,9 @@ def test_run_folder_is_complete(finished_run):
         assert (finished_run / name).is_file(), name
     assert (finished_run / "logs").is_dir() and (finished_run / "checkpoints").is_dir()
     assert (finished_run / "labels.txt").read_text().split() == ["circle_red", "square_green", "stripes_blue"]
+    with Image.open(finished_run / "training_curves.png") as curves:
+        curves.verify()
+    assert "operating_point" not in json.loads((finished_run / "metrics.json").read_text())  # three classes
     history = read_history(finished_run)
     assert [int(row["epoch"]) for row in history] == [0, 1]
     assert all(float(row["learning_rate"]) > 0 for row in history)
@@ -241,6 +245,14 @@ sys.exit(main(["--data-dir", {str(images)!r}, "--output-dir", {str(tmp_path / "r
     # 18 training images / global batch 6 = 3 steps per epoch.
     assert "3/3" in result.stdout
     assert (tmp_path / "runs" / "mirrored" / "model.keras").exists()
+
+
+def test_positive_class_must_be_one_of_two_classes(tmp_path, capsys):
+    images = write_separable_folder(tmp_path / "images", per_class=6)
+    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--epochs", "1"]
+    assert main([*argv, "--set", "data.positive_class=circle_red"]) == 2  # three classes here
+    message = capsys.readouterr().err
+    assert "positive_class" in message and "circle_red" in message and "two-class" in message
 
 
 def test_unknown_device_lists_the_available_ones(tmp_path, capsys):
