@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	@if [ -f saved_models/demo/metrics.json ]; then \
 	  echo "saved_models/demo is already trained (rm -rf saved_models/demo to train it again); exporting."; \
-	else $(PY) train.py --name demo; fi
+	else $(PY) train.py --name demo --set data.positive_class=defective; fi
 	$(PY) export.py --run-dir saved_models/demo
 
 test: setup

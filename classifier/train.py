@@ -504,6 +504,9 @@ def train(
             f"{split.class_names}: set data.positive_class to one of them, or leave it out."
         )
 
+    # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
+    # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
+    keras.utils.set_random_seed(config.data.seed)
     strategy = make_strategy(config.runtime.devices)
     mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
     keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
