@@ -43,8 +43,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
         for name, spec in backbones.BACKBONES.items():
-            where = "offline" if spec.offline else "downloads"
-            print(f"{name:22s} {spec.default_size:4d} px  ImageNet weights ({where}): {spec.weights_source}")
+            print(f"{name:22s} {spec.default_size:4d} px  ImageNet weights: {spec.weights_source}")
         return 0
     if args.resume is not None:
         config, run_dir = resume_run(args.resume, args.output_dir or "saved_models")
