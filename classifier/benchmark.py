@@ -27,7 +27,7 @@ JSON_KEYS = (
     "kind",  # keras, saved_model or tflite
     "runtime",  # Keras, TensorFlow or LiteRT, with its version
     "size_bytes",  # file size, or the total of a SavedModel folder
-    "size_mb",  # size_bytes / 2**20
+    "size_mb",  # size_bytes / 1e6, as in the export report
     "image_size",  # S of the [N, S, S, 3] input
     "threads",  # as requested (None = the runtime's default)
     "latency_ms",  # {"median", "p90", "runs", "warmup"}: batch 1, warm
@@ -111,7 +111,7 @@ def benchmark(
         "kind": predictor.kind,
         "runtime": _runtime(predictor.kind),
         "size_bytes": size_bytes,
-        "size_mb": round(size_bytes / 2**20, 3),
+        "size_mb": round(size_bytes / 1e6, 3),
         "image_size": size,
         "threads": threads,
         "latency_ms": {
