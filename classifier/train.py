@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -404,7 +405,7 @@ def _run_phase(
         else:
             model_lib.unfreeze_backbone(model, config.train.unfreeze_layers)
         if best_file.exists():
-            model.load_weights(best_file)  # start from the best weights so far, not the last
+            _load_model_weights(model, best_file)  # start from the best weights so far, not the last
         steps = pipelines.steps_per_epoch
         schedule = _learning_rate(phase.learning_rate, steps * (phase.end - phase.start), config.train.warmup_fraction)
         _compile(model, config, schedule, config.runtime.jit_compile)
@@ -554,7 +555,7 @@ def train(
 
     best_file, best_json = run_dir / "checkpoints" / "best.weights.h5", run_dir / "checkpoints" / "best.json"
     if best_file.exists():
-        model.load_weights(best_file)  # early stopping's "restore the best weights", across phases and restarts
+        _load_model_weights(model, best_file)  # early stopping's "restore the best weights", across phases and restarts
     best = json.loads(best_json.read_text()) if best_json.exists() else None
     _save_model(model, run_dir / "model.keras")
 
@@ -596,6 +597,14 @@ def _choose_operating_point(
     )
     operating_point.write_operating_point(run_dir, point)
     return point
+
+
+def _load_model_weights(model: keras.Model, path: Path) -> None:
+    """Loads a checkpoint's model weights; its optimizer state may be another phase's, which is not wanted here."""
+    with warnings.catch_warnings():
+        # A phase-1 checkpoint holds the head's optimizer slots only; Keras warns that it skips them.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
 
 
 def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
