@@ -13,6 +13,7 @@ is kept on disk so that selection carries across phases and restarts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -482,55 +484,59 @@ def train(
         if config.data.image_size is None:
             resolved["data"]["image_size"] = spec.default_size
         config = config.replace(resolved)
+        spec.check_size(config.data.image_size)
         run_dir, resumed = choose_run_dir(config, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    # A mistake found while setting up (too large a batch, a bad size) must not leave a half-made run folder
+    # that the next attempt would take for an interrupted run.
+    with _removed_on_user_error(run_dir, keep=resumed):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, run_dir / "config.yaml")
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
 
-    # Data: the split is written once and reused on resume, evaluation and export.
-    split = data.prepare_split(
-        config.data.data_dir,
-        run_dir,
-        val_fraction=config.data.val_fraction,
-        test_fraction=config.data.test_fraction,
-        seed=config.data.seed,
-    )
-    (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
-    _print_data_summary(split, run_dir)
-    positive = config.data.positive_class
-    if positive is not None and (len(split.class_names) != 2 or positive not in split.class_names):
-        raise UserError(
-            f"positive_class '{positive}' needs a two-class dataset with a class of that name; the classes are "
-            f"{split.class_names}: set data.positive_class to one of them, or leave it out."
+        # Data: the split is written once and reused on resume, evaluation and export.
+        split = data.prepare_split(
+            config.data.data_dir,
+            run_dir,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
+            seed=config.data.seed,
         )
+        (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
+        _print_data_summary(split, run_dir)
+        positive = config.data.positive_class
+        if positive is not None and (len(split.class_names) != 2 or positive not in split.class_names):
+            raise UserError(
+                f"positive_class '{positive}' needs a two-class dataset with a class of that name; the classes are "
+                f"{split.class_names}: set data.positive_class to one of them, or leave it out."
+            )
 
-    # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
-    # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
-    keras.utils.set_random_seed(config.data.seed)
-    strategy = make_strategy(config.runtime.devices)
-    mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
-    global_batch = config.data.batch_size * strategy.num_replicas_in_sync
-    data.check_batch_size(split, global_batch)
-    print(
-        f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
-        f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
-        f"image size {config.data.image_size}px."
-    )
-    pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync)
-    weights_by_class = _class_weights(config.train.class_weights, split)
-    if weights_by_class:
-        shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
-        print(f"Class weights (balanced): {shown}")
-
-    with strategy.scope():
-        model = model_lib.build_classifier(
-            config.model.backbone,
-            len(split.class_names),
-            config.data.image_size,
-            weights=config.model.weights,
-            dropout=config.model.dropout,
+        # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
+        # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
+        keras.utils.set_random_seed(config.data.seed)
+        strategy = make_strategy(config.runtime.devices)
+        mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
+        keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+        global_batch = config.data.batch_size * strategy.num_replicas_in_sync
+        data.check_batch_size(split, global_batch)
+        print(
+            f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
+            f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
+            f"image size {config.data.image_size}px."
         )
+        pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync)
+        weights_by_class = _class_weights(config.train.class_weights, split)
+        if weights_by_class:
+            shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
+            print(f"Class weights (balanced): {shown}")
+
+        with strategy.scope():
+            model = model_lib.build_classifier(
+                config.model.backbone,
+                len(split.class_names),
+                config.data.image_size,
+                weights=config.model.weights,
+                dropout=config.model.dropout,
+            )
 
     head, tune = config.train.head_epochs, config.train.finetune_epochs
     unfrozen = "all" if config.train.unfreeze_layers is None else f"the top {config.train.unfreeze_layers}"
@@ -597,6 +603,17 @@ def _choose_operating_point(
     )
     operating_point.write_operating_point(run_dir, point)
     return point
+
+
+@contextlib.contextmanager
+def _removed_on_user_error(run_dir: Path, keep: bool) -> Iterator[None]:
+    """Deletes a new run folder when a UserError ends the run before training starts; `keep` for resumed runs."""
+    try:
+        yield
+    except UserError:
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _load_model_weights(model: keras.Model, path: Path) -> None:

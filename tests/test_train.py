@@ -175,6 +175,8 @@ def test_batch_larger_than_training_set_is_a_clear_error(tmp_path, capsys):
     assert main([*argv, "--batch-size", "64", "--epochs", "1"]) == 2
     message = capsys.readouterr().err
     assert "64" in message and "batch" in message.lower()
+    # No half-made run folder is left for the next attempt to mistake for an interrupted run.
+    assert not list((tmp_path / "runs").glob("*/config.yaml"))
 
 
 def test_config_precedence_yaml_then_set_then_flags(tmp_path):
