@@ -8,6 +8,7 @@ as `config.yaml` into the run folder, so a run can always be reproduced and resu
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -196,6 +197,9 @@ class Config:
         return config
 
 
+# The validation metrics training computes (classifier/train.py compiles loss, accuracy and auc).
+MONITORS = ("val_loss", "val_accuracy", "val_auc")
+
 CHOICES = {
     ("data", "resize_mode"): ("stretch", "crop"),
     ("train", "class_weights"): ("auto", "on", "off"),
@@ -273,8 +277,8 @@ def validate(config: Config) -> None:
         raise UserError(f"unfreeze_layers is {train.unfreeze_layers}: use a positive count, or 'all'.")
     if not 0 <= train.warmup_fraction < 1:
         raise UserError(f"warmup_fraction is {train.warmup_fraction}: use a value in [0, 1), such as 0.1.")
-    if not train.monitor.startswith("val_"):
-        raise UserError(f"monitor is {train.monitor!r}: use a validation metric such as val_loss or val_accuracy.")
+    if train.monitor not in MONITORS:
+        raise UserError(f"monitor is {train.monitor!r}: use one of {', '.join(MONITORS)}.")
 
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -297,7 +301,10 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def save_yaml(config: Config, path: str | Path) -> None:
     """Writes the resolved config (all sections, all keys) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(temporary, path)  # never a half-written config.yaml, which would block resuming
 
 
 def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:

@@ -639,7 +639,7 @@ def make_dataset(
     paths = tf.constant([os.fsencode(root / rel) for rel, _ in items], dtype=tf.string, shape=[len(items)])
     labels = tf.constant([label for _, label in items], dtype=tf.int32, shape=[len(items)])
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    cache = len(items) * image_size * image_size * 3 <= cache_budget_mb * 2**20
+    cache = fits_cache(len(items), image_size, cache_budget_mb)
     buffer = max(1, len(items))
     if training and not cache:
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)  # file names: cheap to hold
@@ -655,6 +655,11 @@ def make_dataset(
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def fits_cache(count: int, image_size: int, cache_budget_mb: int) -> bool:
+    """Whether `count` decoded images of `image_size` fit in the cache budget (then `make_dataset` caches them)."""
+    return count * image_size * image_size * 3 <= cache_budget_mb * 2**20
 
 
 def _check_present(split: Split, root: Path, items: list[tuple[str, int]]) -> None:

@@ -123,6 +123,10 @@ def export_run(
     formats = _check_formats(formats)
     if calibration_images < 1:
         raise UserError(f"--calibration-images {calibration_images}: give at least 1 (a few hundred is typical)")
+    if num_threads < 1 or latency_runs < 1:  # checked now, not after minutes of conversion
+        raise UserError(
+            f"--threads {num_threads} / --latency-runs {latency_runs}: give 1 or more of each (defaults 2 and 50)"
+        )
     model_path, split_path = run_dir / "model.keras", run_dir / "split.json"
     for required in (model_path, split_path):
         if not required.is_file():

@@ -49,7 +49,19 @@ def _main(argv: list[str] | None) -> int:
             print(f"{name:22s} {spec.default_size:4d} px  ImageNet weights: {spec.weights_source}")
         return 0
     if args.resume is not None:
+        ignored = [
+            flag
+            for flag in ("dataset", "image_size", "batch_size", "backbone", "weights", "epochs", "config")
+            if getattr(args, flag) is not None
+        ] + (["set"] if args.set else [])
+        if ignored:
+            raise UserError(
+                f"--resume continues a run with its saved settings, so it takes no {', '.join(ignored)}: "
+                "drop them (only --data-dir, for a data folder that moved, and --output-dir go with --resume)."
+            )
         config, run_dir = resume_run(args.resume, args.output_dir or "saved_models")
+        if args.data_dir:  # the images moved: the split's relative paths are resolved against the new folder
+            config = config.replace({"data": {"data_dir": str(Path(args.data_dir).resolve())}})
         train(config, run_dir=run_dir)
     else:
         train(config_from_args(args), overwrite=args.overwrite)
@@ -159,8 +171,12 @@ def _latest_unfinished(output_dir: Path, matching: dict | None = None) -> Path |
         run_dir = config_file.parent
         if _is_finished(run_dir):
             continue
-        if matching is not None and _comparable(load_yaml(config_file)) != _comparable(matching):
-            continue
+        if matching is not None:
+            try:
+                if _comparable(load_yaml(config_file)) != _comparable(matching):
+                    continue
+            except UserError:  # a damaged config.yaml: not a run this command can continue
+                continue
         candidates.append((config_file.stat().st_mtime, run_dir))
     return max(candidates)[1] if candidates else None
 
@@ -189,7 +205,8 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             f"'{run_dir}' exists and is not a run folder (no config.yaml): choose another --name or --output-dir."
         )
     if overwrite:
-        shutil.rmtree(run_dir)
+        # Moved aside, not deleted: `train` deletes it once the new run is set up, or puts it back if not.
+        os.replace(run_dir, run_dir.with_name(f".{run_dir.name}.replaced"))
         return run_dir, False
     if _is_finished(run_dir):
         raise UserError(
@@ -305,16 +322,6 @@ def _compile(model: keras.Model, config: Config, schedule, jit_compile: bool) ->
     )
 
 
-def _restore_schedule_position(model: keras.Model, backup_dir: Path, phase: _Phase, steps_per_epoch: int) -> None:
-    """BackupAndRestore brings back weights and the epoch, not the optimizer; put the LR schedule back in place."""
-    metadata = backup_dir / "training_metadata.json"
-    if not metadata.exists():
-        return
-    done_epochs = json.loads(metadata.read_text())["epoch"] - phase.start
-    model.optimizer.build(model.trainable_variables)
-    model.optimizer.iterations.assign(max(0, done_epochs) * steps_per_epoch)
-
-
 @dataclasses.dataclass
 class _Pipelines:
     """The tf.data pipelines of a run: augmented training batches, validation, and the TensorBoard sample grid."""
@@ -341,7 +348,8 @@ class _Pipelines:
             cache_budget_mb=config.data.cache_budget_mb,
         )
         seed = config.data.seed
-        train = _filled(data.make_dataset(split, "train", training=True, seed=seed, **options)).map(one_hot)
+        train = data.make_dataset(split, "train", training=True, seed=seed, **options)
+        train = (_filled(train) if _cached(split, "train", options) else train).map(one_hot)
         steps = math.ceil(len(split.train) / global_batch)
         if replicas > 1:
             # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
@@ -365,7 +373,8 @@ class _Pipelines:
         count, batch = len(getattr(self.split, subset)), self.options["batch_size"]
         if count < batch:
             batch = max(self.replicas, count // self.replicas * self.replicas)
-        return _filled(data.make_dataset(self.split, subset, **dict(self.options, batch_size=batch)))
+        dataset = data.make_dataset(self.split, subset, **dict(self.options, batch_size=batch))
+        return _filled(dataset) if _cached(self.split, subset, self.options) else dataset
 
 
 def _filled(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -379,6 +388,10 @@ def _filled(dataset: tf.data.Dataset) -> tf.data.Dataset:
     for _ in dataset:
         pass
     return dataset
+
+
+def _cached(split: data.Split, subset: str, options: dict) -> bool:
+    return data.fits_cache(len(getattr(split, subset)), options["image_size"], options["cache_budget_mb"])
 
 
 def _run_phase(
@@ -410,8 +423,8 @@ def _run_phase(
             _load_model_weights(model, best_file)  # start from the best weights so far, not the last
         steps = pipelines.steps_per_epoch
         schedule = _learning_rate(phase.learning_rate, steps * (phase.end - phase.start), config.train.warmup_fraction)
+        # BackupAndRestore brings back the weights, the optimizer (so the schedule's position) and the epoch.
         _compile(model, config, schedule, config.runtime.jit_compile)
-        _restore_schedule_position(model, backup_dir, phase, steps)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     print(
         f"Phase {phase.number}/2: {phase.description}; epochs {phase.start + 1}-{phase.end}, "
@@ -607,13 +620,20 @@ def _choose_operating_point(
 
 @contextlib.contextmanager
 def _removed_on_user_error(run_dir: Path, keep: bool) -> Iterator[None]:
-    """Deletes a new run folder when a UserError ends the run before training starts; `keep` for resumed runs."""
+    """Deletes a new run folder when a UserError ends the run before training starts; `keep` for resumed runs.
+
+    A run that `--overwrite` moved aside is put back in that case, and deleted only once setup has succeeded.
+    """
+    replaced = run_dir.with_name(f".{run_dir.name}.replaced")
     try:
         yield
     except UserError:
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if replaced.exists():
+                os.replace(replaced, run_dir)
         raise
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _load_model_weights(model: keras.Model, path: Path) -> None:

@@ -140,6 +140,8 @@ def test_user_mistakes_are_named(tmp_path, capsys):
     assert "nope/model.keras' does not exist" in capsys.readouterr().err
     assert main(["--run-dir", str(tmp_path), "--formats", "float32,onnx"]) == 2
     assert "unknown export format(s) ['onnx']" in capsys.readouterr().err
+    assert main(["--run-dir", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads 0" in capsys.readouterr().err
 
 
 def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ def read_history(run_dir: Path) -> list[dict]:
 def finished_run(tmp_path_factory) -> Path:
     """One 2-epoch run (1 head + 1 fine-tuning) on separable images with three unreadable files among them."""
     root = tmp_path_factory.mktemp("train")
-    images = write_separable_folder(root / "images", per_class=30)
+    images = write_separable_folder(root / "images", per_class=40)
     add_bad_files(images / "circle_red")
     # A fresh linear head on frozen features takes a large step well; two epochs are few.
     fast = ["--head-epochs", "1", "--finetune-epochs", "1", "--set", "train.head_lr=0.01"]
@@ -126,6 +126,11 @@ def test_finished_run_is_never_overwritten_silently(finished_run, capsys):
     message = capsys.readouterr().err
     assert "already exists" in message and "--overwrite" in message and "--name" in message
     assert (finished_run / "metrics.json").exists()
+    # --overwrite whose new settings fail before training (a batch larger than the data) keeps the old run.
+    assert main([*argv, "--overwrite", "--batch-size", "999"]) == 2
+    assert "999" in capsys.readouterr().err
+    assert (finished_run / "metrics.json").exists() and (finished_run / "model.keras").exists()
+    assert not list(finished_run.parent.glob(".*replaced"))
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -163,7 +168,10 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
     resumed = train(config, extra_callbacks=[recorder])  # the same command again
     assert resumed == run_dir
     assert recorder.epochs == [2]  # phase 1 not repeated, phase 2 continues at its second epoch
-    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0, 1, 2]
+    history = read_history(run_dir)
+    assert [int(row["epoch"]) for row in history] == [0, 1, 2]
+    # The learning-rate schedule resumed where it was (cosine decay goes on), not from the start of phase 2.
+    assert float(history[2]["learning_rate"]) < float(history[1]["learning_rate"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed"] is True and "test" in metrics
     assert (run_dir / "model.keras").exists()
@@ -200,6 +208,7 @@ def test_config_precedence_yaml_then_set_then_flags(tmp_path):
         ({"augment": {"preset": "wild"}}, ["wild", "medical"]),
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, ["val_fraction", "0.6"]),
         ({"train": {"head_epochs": "many"}}, ["head_epochs", "many"]),
+        ({"train": {"monitor": "val_accurcy"}}, ["val_accurcy", "val_accuracy"]),
     ],
 )
 def test_bad_settings_name_the_setting_and_the_fix(overrides, words):
@@ -263,3 +272,11 @@ def test_unknown_device_lists_the_available_ones(tmp_path, capsys):
     assert main(argv) == 2
     message = capsys.readouterr().err
     assert "gpu:7" in message and "cpu:0" in message
+
+
+def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path), "--epochs", "3", "--set", "train.head_lr=0.1"]) == 2
+    message = capsys.readouterr().err
+    assert "--resume" in message and "epochs" in message and "set" in message
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
