@@ -156,9 +156,11 @@ def export_run(
     if (run_dir / operating_point.FILE_NAME).exists():  # the two-class decision threshold travels with the files
         _write_atomic(out_dir / operating_point.FILE_NAME, (run_dir / operating_point.FILE_NAME).read_bytes())
 
+    # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
+    # so a re-export that fails never replaces a file that passed before.
     files: dict[str, Path] = {}
     if "saved_model" in formats:
-        files["saved_model"] = _export_saved_model(model, image_size, out_dir / SAVED_MODEL_DIR)
+        files["saved_model"] = _export_saved_model(model, image_size, out_dir / _staged(SAVED_MODEL_DIR))
     calibration = _calibration_sample(split, calibration_images, seed) if "int8" in formats else None
     wanted_tflite = [f for f in formats if f in TFLITE_FORMATS]
     if wanted_tflite:
@@ -176,14 +178,8 @@ def export_run(
                         description=f"Image classifier, {num_classes} classes, {image_size}x{image_size} RGB, {fmt}.",
                         float_input=fmt != "int8",
                     )
-                files[fmt] = out_dir / tflite_file_name(fmt)
+                files[fmt] = out_dir / _staged(tflite_file_name(fmt))
                 _write_atomic(files[fmt], tflite)
-    for path in files.values():  # a FAILED file left by an earlier export would contradict this one
-        stale = path.with_name(failed_name(path.name))
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink(missing_ok=True)
 
     dataset = data.make_dataset(split, subset, image_size=image_size, batch_size=batch_size, resize_mode=resize_mode)
     predictors = {fmt: inference.load_predictor(path, num_threads=num_threads) for fmt, path in files.items()}
@@ -195,18 +191,23 @@ def export_run(
     failures = []
     for fmt, path in files.items():
         entry = _parity(probs[fmt], keras_probs, y_true)
-        entry = {"file": path.name, "size_bytes": _size(path), **entry}
+        final = path.with_name(path.name.removeprefix(STAGING_PREFIX))
+        entry = {"file": final.name, "size_bytes": _size(path), **entry}
         if fmt == "saved_model":
             entry.update(signature_check)
         else:
             entry.update(_tflite_details(predictors[fmt], latency_runs))
         problems = _gate(fmt, entry, thresholds)
         entry["passed"] = not problems
+        failed = final.with_name(failed_name(final.name))
         if problems:
-            failed = path.with_name(failed_name(path.name))
-            os.replace(path, failed)
+            _move(path, failed)
             entry["file"] = failed.name
-            failures.append(f"{fmt}: {'; '.join(problems)} (file renamed to {failed.name})")
+            kept = f"; the earlier {final.name} is kept" if final.exists() else ""
+            failures.append(f"{fmt}: {'; '.join(problems)} (written as {failed.name}{kept})")
+        else:
+            _move(path, final)
+            _remove(failed)  # a FAILED file left by an earlier export would contradict this one
         report_formats[fmt] = entry
 
     report = {
@@ -228,6 +229,28 @@ def export_run(
     }
     _write_atomic(out_dir / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+STAGING_PREFIX = ".pending-"
+
+
+def _staged(name: str) -> str:
+    return f"{STAGING_PREFIX}{name}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _move(source: Path, target: Path) -> None:
+    """Renames a staged file or SavedModel folder onto its final name, replacing what was there."""
+    if source.is_dir():
+        _replace_dir(source, target)
+    else:
+        os.replace(source, target)
 
 
 def _parity(probs: np.ndarray, keras_probs: np.ndarray, y_true: np.ndarray) -> dict:

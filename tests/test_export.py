@@ -133,6 +133,16 @@ def test_a_failing_format_is_renamed_and_the_command_fails(exported, tmp_path, c
     assert (out / "model_float32.FAILED.tflite").is_file()
     report = json.loads((out / "export_report.json").read_text())
     assert not report["passed"] and not report["formats"]["float32"]["passed"]
+    # A passing export, then a failing one: the file that passed stays under its name.
+    assert main(["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32"]) == 0
+    assert not (out / "model_float32.FAILED.tflite").exists()
+    passed = (out / "model_float32.tflite").read_bytes()
+    capsys.readouterr()
+    failing = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--max-diff-float32", "-1"]
+    assert main(failing) == 1
+    assert "the earlier model_float32.tflite is kept" in capsys.readouterr().err
+    assert (out / "model_float32.tflite").read_bytes() == passed
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging files left
 
 
 def test_user_mistakes_are_named(tmp_path, capsys):
