@@ -690,7 +690,7 @@ def class_counts(split: Split, subset: str = "train") -> np.ndarray:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(split.class_names))
 
 
-def class_weights(split: Split) -> dict[int, float] | None:
+def class_weights(split: Split, force: bool = False) -> dict[int, float] | None:
     """Balanced loss weights from the training counts, when the classes are imbalanced.
 
     Imbalanced means the largest training class has more than `IMBALANCE_RATIO` (1.5) times the images of the
@@ -699,15 +699,16 @@ def class_weights(split: Split) -> dict[int, float] | None:
 
     Args:
         split: The split.
+        force: Return the weights even when the classes are balanced (`train.class_weights: on`).
 
     Returns:
-        {label: weight}, or None when the classes are balanced enough to need no weighting.
+        {label: weight}, or None when the classes are balanced enough to need no weighting (and not `force`).
     """
     from sklearn.utils.class_weight import compute_class_weight
 
     counts = class_counts(split, "train")
     assert counts.min() > 0, "split_scan guarantees training images for every class"
-    if counts.max() / counts.min() <= IMBALANCE_RATIO:
+    if not force and counts.max() / counts.min() <= IMBALANCE_RATIO:
         return None
     labels = np.asarray([label for _, label in split.train])
     weights = compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels)

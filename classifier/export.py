@@ -118,6 +118,7 @@ def export_run(
             mediapipe is not installed.
     """
     from classifier import data, inference, tflite_metadata
+    from classifier.benchmark import model_size
 
     run_dir = Path(run_dir)
     formats = _check_formats(formats)
@@ -192,7 +193,7 @@ def export_run(
     for fmt, path in files.items():
         entry = _parity(probs[fmt], keras_probs, y_true)
         final = path.with_name(path.name.removeprefix(STAGING_PREFIX))
-        entry = {"file": final.name, "size_bytes": _size(path), **entry}
+        entry = {"file": final.name, "size_bytes": model_size(path), **entry}
         if fmt == "saved_model":
             entry.update(signature_check)
         else:
@@ -334,13 +335,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _size(path: Path) -> int:
-    """Bytes in a file, or in all files under a folder."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _export_saved_model(model, image_size: int, final: Path) -> Path:

@@ -645,15 +645,7 @@ def _load_model_weights(model: keras.Model, path: Path) -> None:
 
 
 def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
-    if setting == "off":
-        return None
-    if setting == "auto":
-        return data.class_weights(split)
-    from sklearn.utils.class_weight import compute_class_weight
-
-    labels = np.array([label for _, label in split.train])
-    classes = np.arange(len(split.class_names))
-    return dict(enumerate(map(float, compute_class_weight("balanced", classes=classes, y=labels))))
+    return None if setting == "off" else data.class_weights(split, force=setting == "on")
 
 
 def _save_model(model: keras.Model, path: Path) -> None:

@@ -244,9 +244,10 @@ def test_class_weights_balance_an_imbalanced_folder(tmp_path):
     assert weights is not None and weights[1] > weights[0]  # labels are sorted names: common=0, rare=1
     weighted = {label: weights[label] * counts[label] for label in weights}
     assert weighted[0] == pytest.approx(weighted[1])  # each class now carries the same total weight
-    assert (
-        data.class_weights(data.split_scan(data.scan_folder(_make_folder(tmp_path / "b", {"x": 12, "y": 14})))) is None
-    )
+    nearly_balanced = data.split_scan(data.scan_folder(_make_folder(tmp_path / "b", {"x": 12, "y": 14})))
+    assert data.class_weights(nearly_balanced) is None
+    forced = data.class_weights(nearly_balanced, force=True)  # train.class_weights: on
+    assert forced is not None and forced[0] > forced[1]  # x has fewer images than y
 
 
 def test_user_mistakes_get_messages_that_name_the_fix(tmp_path):
