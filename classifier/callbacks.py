@@ -2,7 +2,7 @@
 
 Keras' own callbacks do the heavy lifting (TensorBoard scalars, ModelCheckpoint, EarlyStopping,
 BackupAndRestore, CSVLogger); the ones here add what they lack: the learning rate in `history.csv`, images
-(augmented samples, a confusion matrix per epoch) and the hparams of the run.
+(augmented samples, the final confusion matrix), the phase and the hparams of the run.
 """
 
 from __future__ import annotations
@@ -85,21 +85,35 @@ class AugmentedSamples(keras.callbacks.Callback):
             tf.summary.image("augmented_samples", figure_to_image(image_grid(images.numpy(), titles)), step=0)
 
 
-class ConfusionMatrixLogger(keras.callbacks.Callback):
-    """Predicts the validation split after every epoch and writes its confusion matrix as a TensorBoard image."""
+class PhaseLogger(keras.callbacks.Callback):
+    """Adds the phase (1 = head on features, 2 = fine-tuning) to each epoch's logs: a column of history.csv and a
+    step in TensorBoard's `epoch_phase` chart, which marks where fine-tuning starts."""
 
-    def __init__(self, log_dir: Path, dataset: tf.data.Dataset, y_true: np.ndarray, class_names: list[str]):
+    def __init__(self, phase: int):
         super().__init__()
-        self.log_dir, self.dataset, self.class_names = Path(log_dir), dataset, class_names
-        self.y_true = np.asarray(y_true)
+        self.phase = phase
 
     def on_epoch_end(self, epoch, logs=None):
-        probabilities = self.model.predict(self.dataset, verbose=0)
-        figure = confusion_figure(
-            self.y_true, probabilities.argmax(axis=-1), self.class_names, f"validation, epoch {epoch + 1}"
-        )
-        with tf.summary.create_file_writer(str(self.log_dir / "validation")).as_default():
-            tf.summary.image("confusion_matrix", figure_to_image(figure), step=epoch)
+        if logs is not None:
+            logs["phase"] = self.phase
+
+
+def write_confusion_matrix(
+    log_dir: Path, y_true, probabilities: np.ndarray, class_names: list[str], epoch: int | None
+) -> None:
+    """Writes the final model's validation confusion matrix (argmax of the probabilities) to TensorBoard, once.
+
+    Args:
+        log_dir: The run's `logs/` folder.
+        y_true: Validation labels.
+        probabilities: The final model's validation probabilities.
+        class_names: Class names in label order.
+        epoch: The epoch (from 1) the final model's weights come from, for the title and the step; None if unknown.
+    """
+    title = "validation, final model" + (f" (epoch {epoch})" if epoch else "") + ", argmax"
+    figure = confusion_figure(np.asarray(y_true), probabilities.argmax(axis=-1), class_names, title)
+    with tf.summary.create_file_writer(str(Path(log_dir) / "validation")).as_default():
+        tf.summary.image("confusion_matrix", figure_to_image(figure), step=epoch or 0)
 
 
 class ThroughputMeter(keras.callbacks.Callback):

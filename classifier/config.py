@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from classifier.budget import parse_duration
 from classifier.errors import UserError
 
 
@@ -70,12 +71,19 @@ class TrainConfig:
     """Two-phase transfer learning: phase 1 trains the head on a frozen backbone, phase 2 fine-tunes its top.
 
     Attributes:
-        head_epochs: Phase 1 epochs (0 skips the phase).
+        head_epochs: Phase 1 epochs (0 skips the phase). Phase 1 trains the head on backbone features computed
+            once (classifier/features.py), so an epoch costs milliseconds and the head can train to convergence.
         finetune_epochs: Phase 2 epochs (0 skips the phase).
-        head_lr: Peak learning rate of phase 1; a fresh head tolerates a large step.
-        finetune_lr: Peak learning rate of phase 2; ten times lower so pretrained features are not wrecked.
-        unfreeze_layers: Backbone layers unfrozen in phase 2, counted from the top; null (`all` on the command line)
-            unfreezes every layer. BatchNorm layers always stay frozen (keras-io fine-tuning guide).
+        head_lr: Peak learning rate of phase 1; a fresh linear head on fixed features takes a large step
+            (keras-io's recipe uses 1e-2).
+        finetune_lr: Peak learning rate of phase 2; much lower so pretrained features are not wrecked.
+        unfreeze_blocks: Residual blocks of the backbone unfrozen in phase 2, counted from the top, whole blocks
+            only (keras-io's tip); null (`all` on the command line) unfreezes all of them. BatchNorm layers always
+            stay frozen (keras-io fine-tuning guide).
+        feature_views: Augmented copies of each training image whose features phase 1 adds to the plain ones;
+            each costs one forward pass over the training set.
+        time_budget: Wall-clock budget of the whole run (`90s`, `10m`, `1.5h`); training measures its own speed
+            and cuts feature views and fine-tuning epochs to fit (classifier/budget.py). null = no budget.
         weight_decay: AdamW decoupled weight decay.
         warmup_fraction: Share of each phase's steps spent warming the learning rate up before the cosine decay.
         label_smoothing: Softens one-hot targets; helps calibration on noisy medical and inspection labels.
@@ -87,11 +95,13 @@ class TrainConfig:
             the positives, the way screening is run).
     """
 
-    head_epochs: int = 5
+    head_epochs: int = 30
     finetune_epochs: int = 5
-    head_lr: float = 1e-3
+    head_lr: float = 1e-2
     finetune_lr: float = 1e-4
-    unfreeze_layers: int | None = 40
+    unfreeze_blocks: int | None = 5
+    feature_views: int = 2
+    time_budget: str | None = None
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
@@ -273,8 +283,15 @@ def validate(config: Config) -> None:
             f"head_epochs={train.head_epochs}, finetune_epochs={train.finetune_epochs}: "
             "both must be >= 0 and at least one above 0."
         )
-    if train.unfreeze_layers is not None and train.unfreeze_layers < 1:
-        raise UserError(f"unfreeze_layers is {train.unfreeze_layers}: use a positive count, or 'all'.")
+    if train.unfreeze_blocks is not None and train.unfreeze_blocks < 1:
+        raise UserError(f"unfreeze_blocks is {train.unfreeze_blocks}: use a positive count of blocks, or 'all'.")
+    if train.feature_views < 0:
+        raise UserError(f"feature_views is {train.feature_views}: use 0 or more augmented views, such as 2.")
+    for key in ("head_lr", "finetune_lr"):
+        if not getattr(train, key) > 0:
+            raise UserError(f"{key} is {getattr(train, key)}: a learning rate must be above 0, such as 1e-3.")
+    if train.time_budget is not None:
+        parse_duration(train.time_budget)
     if not 0 <= train.warmup_fraction < 1:
         raise UserError(f"warmup_fraction is {train.warmup_fraction}: use a value in [0, 1), such as 0.1.")
     if train.monitor not in MONITORS:

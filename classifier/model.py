@@ -8,6 +8,8 @@ are used, so `model.keras` reloads with `keras.saving.load_model(path)` and no c
 
 from __future__ import annotations
 
+import re
+
 import keras
 
 from classifier.backbones import build_backbone, get_backbone_spec
@@ -84,27 +86,81 @@ def freeze_backbone(model: keras.Model) -> None:
     backbone_of(model).trainable = False
 
 
-def unfreeze_backbone(model: keras.Model, top_n: int | None) -> None:
-    """Phase 2: makes the top `top_n` backbone layers trainable, keeping every BatchNorm layer frozen.
+# How keras.applications and the Lite backbones name the layers of one residual block. Layers that belong to no
+# block (the stem, the head convolution "top_conv") join their neighbouring block (see `backbone_blocks`).
+_BLOCK_NAME_PATTERNS = (
+    re.compile(r"^(block\d+[a-z])_"),  # EfficientNet(-Lite, V2): block6a_expand_conv
+    re.compile(r"^(block_\d+)_"),  # MobileNetV2: block_16_expand
+    re.compile(r"^(conv\d+_block\d+)_"),  # ResNet50V2: conv5_block3_1_conv
+    re.compile(r"^(expanded_conv(?:_\d+)?)_"),  # MobileNetV3: expanded_conv_10_expand
+    re.compile(r"_(stage_\d+_block_\d+)_"),  # ConvNeXt: convnext_tiny_stage_3_block_2_depthwise_conv
+)
 
-    `top_n` counts the backbone's layers from its output end, all of them (activations, adds and the input
-    included), as in the keras-io fine-tuning guide (`model.layers[-20:]`). EfficientNet-Lite0's backbone has
-    141 layers; 40 reaches back to `block6a_project_conv` and trains 14 of its kernels (2.55 M parameters with
-    the head). BatchNorm layers stay frozen because their moving statistics would be re-estimated from small,
-    domain-shifted batches (keras-io transfer-learning guide). Recompile the model afterwards.
+
+def _block_name(layer_name: str) -> str | None:
+    for pattern in _BLOCK_NAME_PATTERNS:
+        match = pattern.search(layer_name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def backbone_blocks(backbone: keras.Model) -> list[tuple[str, list[keras.layers.Layer]]]:
+    """Groups a backbone's layers into its residual blocks, bottom to top.
+
+    A block is the run of layers that share a block name (`block6a_*`). Layers outside any block join the block
+    below them, so the head convolution (`top_conv`, `top_bn`) goes with the last block, and the stem, which has no
+    block below it, with the first. A backbone whose layer names follow none of the known patterns gets one "block"
+    per layer, which is the layer count of the keras-io guide.
+
+    Args:
+        backbone: The nested backbone model (`backbone_of(model)`).
+
+    Returns:
+        [(block name, [layers])] in the backbone's order.
+    """
+    blocks: list[tuple[str, list[keras.layers.Layer]]] = []
+    leading: list[keras.layers.Layer] = []  # layers before the first named block (input, stem)
+    for layer in backbone.layers:
+        name = _block_name(layer.name)
+        if name is not None and (not blocks or blocks[-1][0] != name):
+            blocks.append((name, leading + [layer]))
+            leading = []
+        elif blocks:
+            blocks[-1][1].append(layer)
+        else:
+            leading.append(layer)
+    if not blocks:
+        return [(layer.name, [layer]) for layer in backbone.layers]
+    return blocks
+
+
+def unfreeze_backbone(model: keras.Model, top_blocks: int | None) -> list[str]:
+    """Phase 2: makes the top `top_blocks` residual blocks trainable, keeping every BatchNorm layer frozen.
+
+    Whole blocks, never part of one (keras-io fine-tuning guide: a block cut in the middle trains a layer whose
+    partner in the residual path stays fixed). EfficientNet-Lite0 has 16 blocks (block1a ... block7a, the head
+    convolution counted with block7a); 5 unfreezes block6a to the top (2.9 M parameters). BatchNorm layers stay
+    frozen because their moving statistics would be re-estimated from small, domain-shifted batches (keras-io
+    transfer-learning guide). Recompile the model afterwards.
 
     Args:
         model: A classifier from `build_classifier`.
-        top_n: Number of layers to unfreeze from the top, or None for all of them.
+        top_blocks: Number of blocks to unfreeze from the top, or None for all of them.
+
+    Returns:
+        The names of the unfrozen blocks, bottom to top.
 
     Raises:
-        UserError: `top_n` is not a positive whole number or None.
+        UserError: `top_blocks` is not a positive whole number or None.
     """
-    if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
-        raise UserError(f"top_n is {top_n!r}: use a positive number of layers, or None (all).")
+    if top_blocks is not None and (not isinstance(top_blocks, int) or top_blocks < 1):
+        raise UserError(f"unfreeze_blocks is {top_blocks!r}: use a positive number of blocks, or 'all'.")
     backbone = backbone_of(model)
     backbone.trainable = True
-    layers = backbone.layers
-    first_trainable = 0 if top_n is None else max(0, len(layers) - top_n)
-    for index, layer in enumerate(layers):
-        layer.trainable = index >= first_trainable and not isinstance(layer, keras.layers.BatchNormalization)
+    blocks = backbone_blocks(backbone)
+    chosen = blocks if top_blocks is None else blocks[-top_blocks:]
+    unfrozen = {id(layer) for _, layers in chosen for layer in layers}
+    for layer in backbone.layers:
+        layer.trainable = id(layer) in unfrozen and not isinstance(layer, keras.layers.BatchNormalization)
+    return [name for name, _ in chosen]

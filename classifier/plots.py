@@ -14,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless machines and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
@@ -55,25 +54,21 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def _head_epochs(run_dir: Path) -> int | None:
-    """train.head_epochs from the run's config.yaml, or None."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        return None
-    config = yaml.safe_load(config_path.read_text()) or {}
-    value = (config.get("train") or {}).get("head_epochs")
-    return int(value) if value is not None else None
+def _last_head_epoch(rows: list[dict]) -> int | None:
+    """The last epoch (from 1) of phase 1, from history.csv's `phase` column; None when the column is absent."""
+    head = [int(row["epoch"]) + 1 for row in rows if row.get("phase") == 1]
+    return max(head) if head else None
 
 
 def plot_training_curves(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Plots loss, accuracy, ROC-AUC and learning rate per epoch from a run's history.csv.
 
-    The boundary between phase 1 (head only) and phase 2 (fine-tuning) is drawn when config.yaml gives
-    train.head_epochs and both phases have epochs in the history. Epochs are numbered from 1, as training prints
+    The boundary between phase 1 (head only) and phase 2 (fine-tuning) is drawn when both phases have epochs in
+    the history (its `phase` column). Epochs are numbered from 1, as training prints
     them.
 
     Args:
-        run_dir: A run folder with history.csv (and config.yaml for the phase boundary).
+        run_dir: A run folder with history.csv.
         output: PNG path; default `run_dir/training_curves.png`.
 
     Returns:
@@ -92,7 +87,7 @@ def plot_training_curves(run_dir: str | os.PathLike, output: str | os.PathLike |
             f"'{history_path}' is missing or empty: pass a run folder in which training finished at least one epoch"
         )
     epochs = np.array([row["epoch"] for row in rows]) + 1
-    head_epochs = _head_epochs(run_dir)
+    head_epochs = _last_head_epoch(rows)
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for axis, (title, train_key, val_key) in zip(axes.flat, _PANELS, strict=True):
         axis.set_title(title)

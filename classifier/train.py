@@ -30,7 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classifier import augment, backbones, callbacks, data, demo_data, operating_point, plots
+from classifier import augment, backbones, callbacks, data, demo_data, features, operating_point, plots
+from classifier import budget as budget_lib
 from classifier import model as model_lib
 from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
 from classifier.errors import UserError, run_cli
@@ -51,7 +52,16 @@ def _main(argv: list[str] | None) -> int:
     if args.resume is not None:
         ignored = [
             flag
-            for flag in ("dataset", "image_size", "batch_size", "backbone", "weights", "epochs", "config")
+            for flag in (
+                "dataset",
+                "image_size",
+                "batch_size",
+                "backbone",
+                "weights",
+                "epochs",
+                "time_budget",
+                "config",
+            )
             if getattr(args, flag) is not None
         ] + (["set"] if args.set else [])
         if ignored:
@@ -79,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Every setting can also come from a YAML file (--config) or from --set section.key=value, e.g. "
-            "--set augment.preset=medical --set train.unfreeze_layers=all. The resolved settings are written to "
+            "--set augment.preset=medical --set train.unfreeze_blocks=all. The resolved settings are written to "
             "<run>/config.yaml. Re-running the same command after an interruption continues the run."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -98,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--list-backbones", action="store_true", help="list the available backbones and exit")
     fit = parser.add_argument_group("training")
     fit.add_argument("--epochs", type=int, help="epochs of BOTH phases (head, then fine-tuning)")
-    fit.add_argument("--head-epochs", type=int, help="phase 1 epochs, backbone frozen (default 5; 0 skips)")
-    fit.add_argument("--finetune-epochs", type=int, help="phase 2 epochs, top layers unfrozen (default 5; 0 skips)")
+    fit.add_argument(
+        "--head-epochs", type=int, help="phase 1 epochs, head on cached backbone features (default 30; 0 skips)"
+    )
+    fit.add_argument("--finetune-epochs", type=int, help="phase 2 epochs, top blocks unfrozen (default 5; 0 skips)")
+    fit.add_argument(
+        "--time-budget", help="wall-clock budget such as 10m: epochs and feature views are cut to fit (default none)"
+    )
     fit.add_argument("--augment", help="none, light, medium, heavy, medical or inspection (default light)")
     fit.add_argument("--devices", help="auto, cpu, or a list such as gpu:0,gpu:1 (default auto)")
     fit.add_argument("--mixed-precision", choices=["auto", "on", "off"], help="float16 compute (default auto)")
@@ -137,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "train": {
             "head_epochs": args.epochs if args.head_epochs is None else args.head_epochs,
             "finetune_epochs": args.epochs if args.finetune_epochs is None else args.finetune_epochs,
+            "time_budget": args.time_budget,
         },
         "augment": {"preset": args.augment},
         "runtime": {"devices": args.devices, "mixed_precision": args.mixed_precision, "jit_compile": args.jit_compile},
@@ -292,15 +308,21 @@ def use_mixed_precision(setting: str, strategy: tf.distribute.Strategy) -> bool:
 # Training
 
 
-@dataclasses.dataclass
-class _Phase:
-    """One fit() call: which epochs (absolute numbering), at what learning rate, with what unfrozen."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run does, resolved once from the settings (and the time budget) and kept for a resumed run.
 
-    number: int
-    start: int
-    end: int
-    learning_rate: float
-    description: str
+    Attributes:
+        feature_views: Augmented copies of each training image whose features phase 1 trains on.
+        head_epochs: Phase 1 epochs (on cached features).
+        finetune_epochs: Phase 2 epochs.
+        finetune_start: Epoch number phase 2 starts at (phase 1's epochs run, so the history numbers run on).
+    """
+
+    feature_views: int
+    head_epochs: int
+    finetune_epochs: int
+    finetune_start: int | None = None
 
 
 def _learning_rate(peak: float, steps: int, warmup_fraction: float) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -324,12 +346,23 @@ def _compile(model: keras.Model, config: Config, schedule, jit_compile: bool) ->
 
 @dataclasses.dataclass
 class _Pipelines:
-    """The tf.data pipelines of a run: augmented training batches, validation, and the TensorBoard sample grid."""
+    """The tf.data pipelines of a run, all built on one decoded (and, when it fits, cached) copy of each subset.
+
+    Attributes:
+        train: Shuffled, augmented training batches with one-hot labels (phase 2).
+        plain_train: The training images un-augmented, in manifest order (phase 1's plain features).
+        views: The training images augmented, in manifest order; every pass draws new augmentations.
+        val: Validation batches with one-hot labels.
+        samples: 16 augmented training images for TensorBoard.
+        steps_per_epoch: Batches of `train` per epoch.
+    """
 
     split: data.Split
     options: dict
     replicas: int
     train: tf.data.Dataset
+    plain_train: tf.data.Dataset
+    views: tf.data.Dataset
     val: tf.data.Dataset
     samples: tf.data.Dataset
     steps_per_epoch: int
@@ -348,21 +381,29 @@ class _Pipelines:
             cache_budget_mb=config.data.cache_budget_mb,
         )
         seed = config.data.seed
-        train = data.make_dataset(split, "train", training=True, seed=seed, **options)
-        train = (_filled(train) if _cached(split, "train", options) else train).map(one_hot)
+        # One decode of the training images serves phase 1's plain pass, its augmented views and phase 2.
+        plain = data.make_dataset(split, "train", **options)
+        if _cached(split, "train", options):
+            plain = _filled(plain)
+        plain = plain.map(one_hot)
+        views = augment.augment_dataset(plain, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
+        shuffled = plain.unbatch().shuffle(max(1, len(split.train)), seed=seed, reshuffle_each_iteration=True)
         steps = math.ceil(len(split.train) / global_batch)
+        # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
+        # the few images dropped are different ones every epoch (the pipeline reshuffles).
         if replicas > 1:
-            # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
-            # the few images dropped are different ones every epoch (the pipeline reshuffles).
-            train = train.rebatch(global_batch, drop_remainder=True)
             steps = len(split.train) // global_batch
+        # Unbatching loses the dataset's length; Keras needs it to know where an epoch ends.
+        train = shuffled.batch(global_batch, drop_remainder=replicas > 1).apply(
+            tf.data.experimental.assert_cardinality(steps)
+        )
         train = augment.augment_dataset(train, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
         # The sample grid reads 16 images of its own: a batch taken from `train` would make its full-size
-        # shuffle buffer read (and its cache then discard) the whole training set.
+        # shuffle buffer read the whole training set.
         sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
-        samples = data.make_dataset(sample_split, "train", training=True, seed=seed, **options).map(one_hot)
+        samples = data.make_dataset(sample_split, "train", **options).map(one_hot)
         samples = augment.augment_dataset(samples, config.augment, num_classes, seed)
-        pipelines = cls(split, options, replicas, train, None, samples, steps)
+        pipelines = cls(split, options, replicas, train, plain, views, None, samples, steps)
         pipelines.val = pipelines.evaluation("val").map(one_hot)
         return pipelines
 
@@ -394,80 +435,224 @@ def _cached(split: data.Split, subset: str, options: dict) -> bool:
     return data.fits_cache(len(getattr(split, subset)), options["image_size"], options["cache_budget_mb"])
 
 
-def _run_phase(
-    model: keras.Model,
-    phase: _Phase,
-    *,
-    run_dir: Path,
-    config: Config,
-    split: data.Split,
-    pipelines: _Pipelines,
-    strategy: tf.distribute.Strategy,
-    class_weight: dict | None,
-    extra_callbacks,
-) -> float | None:
-    """Freezes or unfreezes, compiles and fits one phase, resuming its backup if there is one.
+@dataclasses.dataclass
+class _Context:
+    """What both phases of one run share."""
+
+    run_dir: Path
+    config: Config
+    split: data.Split
+    pipelines: _Pipelines
+    strategy: tf.distribute.Strategy
+    class_weight: dict | None
+    budget: budget_lib.TimeBudget | None
+    extra_callbacks: list
+    inference_rate: float | None = None  # images/s of the frozen backbone's forward pass, once phase 1 measured it
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.config.train.monitor.endswith("loss") else "max"
+
+    def epoch_callbacks(self, phase: int) -> list[keras.callbacks.Callback]:
+        """The callbacks of every epoch of both phases, in the order their logs need (history.csv last)."""
+        logs = self.run_dir / "logs"
+        return [
+            callbacks.LearningRateLogger(),
+            callbacks.PhaseLogger(phase),
+            keras.callbacks.CSVLogger(self.run_dir / "history.csv", append=True),
+            keras.callbacks.TensorBoard(logs, write_graph=False),
+            *self.extra_callbacks,
+        ]
+
+
+def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, dict]:
+    """Phase 1: features of the frozen backbone computed once, then the head trained on them in memory.
+
+    Returns:
+        The plan (its views possibly cut by the time budget, and where phase 2's epochs start) and throughput.
+    """
+    config, split, pipelines = ctx.config, ctx.split, ctx.pipelines
+    checkpoints = ctx.run_dir / "checkpoints"
+    (ctx.run_dir / "history.csv").unlink(missing_ok=True)  # a phase 1 cut short starts over: history from epoch 1
+    with ctx.strategy.scope():
+        model_lib.freeze_backbone(model)
+        extractor = features.feature_extractor(model)
+        head = features.head_model(model)
+    n_train = len(split.train)
+    print(
+        f"Phase 1/2: training the head on cached backbone features: the {n_train} training images plain and in "
+        f"{plan.feature_views} augmented view(s), {plan.head_epochs} epochs, "
+        f"peak learning rate {config.train.head_lr:g}."
+    )
+    plain = features.extract(extractor, [pipelines.val, pipelines.plain_train])
+    rate = (len(split.val) + n_train) / max(plain.seconds, 1e-9)
+    views = plan.feature_views
+    ctx.inference_rate = rate
+    if ctx.budget is not None:
+        views = ctx.budget.views(views, n_train / rate, _reserve_seconds(ctx))
+        plan = dataclasses.replace(plan, feature_views=views)
+    augmented = features.extract(extractor, [pipelines.views] * views) if views else None
+    n_val = len(split.val)
+    x_val, y_val = plain.x[:n_val], plain.y[:n_val]
+    x_train = plain.x[n_val:] if augmented is None else np.concatenate([plain.x[n_val:], augmented.x])
+    y_train = plain.y[n_val:] if augmented is None else np.concatenate([plain.y[n_val:], augmented.y])
+    extract_seconds = plain.seconds + (augmented.seconds if augmented else 0.0)
+    print(f"  features of {len(x_train) + n_val} images in {extract_seconds:.0f} s ({rate:.0f} images/s)")
+
+    batch = config.data.batch_size * ctx.strategy.num_replicas_in_sync
+    steps = math.ceil(len(x_train) / batch)
+    started = time.perf_counter()
+    with ctx.strategy.scope():
+        schedule = _learning_rate(config.train.head_lr, steps * plan.head_epochs, config.train.warmup_fraction)
+        _compile(head, config, schedule, config.runtime.jit_compile)
+    best = features.RestoreBest(config.train.monitor, ctx.mode)
+    phase_callbacks = [best, *ctx.epoch_callbacks(phase=1)]
+    phase_callbacks.append(callbacks.AugmentedSamples(ctx.run_dir / "logs", pipelines.samples, split.class_names))
+    if config.train.early_stopping_patience > 0:
+        patience = config.train.early_stopping_patience
+        phase_callbacks.append(keras.callbacks.EarlyStopping(config.train.monitor, patience=patience, mode=ctx.mode))
+    history = head.fit(
+        x_train,
+        y_train,
+        batch_size=batch,
+        epochs=plan.head_epochs,
+        validation_data=(x_val, y_val),
+        class_weight=ctx.class_weight,
+        shuffle=True,  # seeded by keras.utils.set_random_seed
+        callbacks=phase_callbacks,
+        verbose=0,
+    )
+    epochs_run = len(history.epoch)
+    head_seconds = time.perf_counter() - started
+    print(
+        f"  head trained in {head_seconds:.1f} s ({epochs_run} epochs); best {config.train.monitor} "
+        f"{best.best:.4f} at epoch {best.best_epoch + 1}."
+    )
+    # The best head becomes the run's best checkpoint so far: phase 2 starts from it and must beat its value.
+    _save_weights(model, checkpoints / "best.weights.h5")
+    best_record = {"monitor": config.train.monitor, "best": best.best, "epoch": best.best_epoch + 1}
+    _write_json(checkpoints / "best.json", best_record)
+    plan = dataclasses.replace(plan, finetune_start=epochs_run)
+    throughput = {
+        "phase1_feature_images_per_second": rate,
+        "phase1_seconds": round(extract_seconds + head_seconds, 2),
+        "phase1_images": len(x_train) + n_val,
+    }
+    return plan, throughput
+
+
+def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | None:
+    """Phase 2: unfreezes the top blocks (BatchNorm frozen), compiles and fits, resuming its backup if there is one.
 
     Returns:
         The phase's training throughput in images per second.
     """
-    checkpoints, logs = run_dir / "checkpoints", run_dir / "logs"
+    config = ctx.config
+    checkpoints = ctx.run_dir / "checkpoints"
     best_file, best_json = checkpoints / "best.weights.h5", checkpoints / "best.json"
-    backup_dir = checkpoints / f"phase{phase.number}_backup"
-    with strategy.scope():
-        if phase.number == 1:
-            model_lib.freeze_backbone(model)
-        else:
-            model_lib.unfreeze_backbone(model, config.train.unfreeze_layers)
+    start, end = plan.finetune_start, plan.finetune_start + plan.finetune_epochs
+    with ctx.strategy.scope():
+        blocks = model_lib.unfreeze_backbone(model, config.train.unfreeze_blocks)
         if best_file.exists():
             _load_model_weights(model, best_file)  # start from the best weights so far, not the last
-        steps = pipelines.steps_per_epoch
-        schedule = _learning_rate(phase.learning_rate, steps * (phase.end - phase.start), config.train.warmup_fraction)
+        schedule = _learning_rate(
+            config.train.finetune_lr, ctx.pipelines.steps_per_epoch * plan.finetune_epochs, config.train.warmup_fraction
+        )
         # BackupAndRestore brings back the weights, the optimizer (so the schedule's position) and the epoch.
         _compile(model, config, schedule, config.runtime.jit_compile)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     print(
-        f"Phase {phase.number}/2: {phase.description}; epochs {phase.start + 1}-{phase.end}, "
-        f"peak learning rate {phase.learning_rate:g}, {trainable:,} trainable parameters."
+        f"Phase 2/2: fine-tuning {len(blocks)} backbone block(s) ({blocks[0]} to the top; BatchNorm frozen); "
+        f"epochs {start + 1}-{end}, peak learning rate {config.train.finetune_lr:g}, "
+        f"{trainable:,} trainable parameters."
     )
-    mode = "min" if config.train.monitor.endswith("loss") else "max"
     checkpoint = keras.callbacks.ModelCheckpoint(
         best_file,
         monitor=config.train.monitor,
-        mode=mode,
+        mode=ctx.mode,
         save_best_only=True,
         save_weights_only=True,
         initial_value_threshold=callbacks.read_best(best_json),
     )
-    meter = callbacks.ThroughputMeter(len(split.train))
+    meter = callbacks.ThroughputMeter(len(ctx.split.train))
     phase_callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir),
-        callbacks.LearningRateLogger(),
+        keras.callbacks.BackupAndRestore(checkpoints / "phase2_backup"),
         meter,
         checkpoint,
         callbacks.BestTracker(best_json, checkpoint),
-        callbacks.ConfusionMatrixLogger(logs, pipelines.val, [label for _, label in split.val], split.class_names),
-        keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
-        keras.callbacks.TensorBoard(logs, write_graph=False),
+        *ctx.epoch_callbacks(phase=2),
     ]
-    if phase.start == 0:
-        phase_callbacks.append(callbacks.AugmentedSamples(logs, pipelines.samples, split.class_names))
     if config.train.early_stopping_patience > 0:
         # The best weights are restored from the best checkpoint at the end of training (that file survives a
         # restart, EarlyStopping's copy in memory does not).
         patience = config.train.early_stopping_patience
-        phase_callbacks.append(keras.callbacks.EarlyStopping(config.train.monitor, patience=patience, mode=mode))
+        phase_callbacks.append(keras.callbacks.EarlyStopping(config.train.monitor, patience=patience, mode=ctx.mode))
     model.fit(
-        pipelines.train,
-        validation_data=pipelines.val,
-        initial_epoch=phase.start,
-        epochs=phase.end,
-        class_weight=class_weight,
+        ctx.pipelines.train,
+        validation_data=ctx.pipelines.val,
+        initial_epoch=start,
+        epochs=end,
+        class_weight=ctx.class_weight,
         shuffle=False,  # the pipeline shuffles, seeded; Keras cannot shuffle a tf.data.Dataset anyway
-        callbacks=phase_callbacks + list(extra_callbacks),
+        callbacks=phase_callbacks,
         verbose=1 if sys.stdout.isatty() else 2,
     )
     return meter.steady_rate()
+
+
+def _resolve_plan(ctx: _Context) -> _Plan:
+    """The plan of this run: the one saved by an earlier attempt of it, else the settings' epochs and views."""
+    saved = ctx.run_dir / "checkpoints" / "plan.json"
+    if saved.exists():
+        return _Plan(**json.loads(saved.read_text()))
+    train_config = ctx.config.train
+    return _Plan(train_config.feature_views, train_config.head_epochs, train_config.finetune_epochs)
+
+
+def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
+    """Runs the phases not yet finished in this run folder; returns their throughput figures."""
+    checkpoints = ctx.run_dir / "checkpoints"
+    plan = _resolve_plan(ctx)
+    throughput: dict = {}
+    if plan.head_epochs == 0:
+        print("Phase 1/2: skipped (0 epochs).")
+        plan = dataclasses.replace(plan, finetune_start=plan.finetune_start or 0)
+    elif (checkpoints / "phase1.done").exists():
+        print("Phase 1/2: already finished in this run; skipping.")
+    else:
+        plan, throughput = _train_head(model, plan, ctx)
+        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
+        (checkpoints / "phase1.done").touch()
+    phase2_started = (checkpoints / "phase2_backup").exists() or (checkpoints / "phase2.done").exists()
+    if plan.finetune_epochs and ctx.budget is not None and not phase2_started:  # a resumed phase 2 keeps its plan
+        plan = dataclasses.replace(plan, finetune_epochs=_affordable_epochs(model, plan.finetune_epochs, ctx))
+    if plan.finetune_epochs == 0:
+        print("Phase 2/2: skipped (0 epochs).")
+    elif (checkpoints / "phase2.done").exists():
+        print("Phase 2/2: already finished in this run; skipping.")
+    else:
+        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
+        throughput["phase2_images_per_second"] = _run_finetuning(model, plan, ctx)
+        (checkpoints / "phase2.done").touch()
+    return throughput
+
+
+def _reserve_seconds(ctx: _Context) -> float:
+    """Time kept back from a budget for the end of the run: predicting val and test, saving, plots."""
+    rate = ctx.inference_rate or 20.0
+    return (len(ctx.split.val) + len(ctx.split.test)) / rate + 15.0
+
+
+def _affordable_epochs(model: keras.Model, wanted: int, ctx: _Context) -> int:
+    """Measures one fine-tuning step with the top blocks unfrozen and returns the epochs the budget allows."""
+    with ctx.strategy.scope():
+        model_lib.unfreeze_backbone(model, ctx.config.train.unfreeze_blocks)
+    images, labels = next(iter(ctx.pipelines.train))
+    step = budget_lib.step_seconds(model, images, labels)
+    batches_val = math.ceil(len(ctx.split.val) / ctx.pipelines.options["batch_size"])
+    validation = len(ctx.split.val) / ctx.inference_rate if ctx.inference_rate else batches_val * step / 3
+    epoch = ctx.pipelines.steps_per_epoch * step + validation + 2.0  # + the checkpoint and backup writes
+    return ctx.budget.epochs(wanted, epoch, _reserve_seconds(ctx))
 
 
 def train(
@@ -551,27 +736,19 @@ def train(
                 dropout=config.model.dropout,
             )
 
-    head, tune = config.train.head_epochs, config.train.finetune_epochs
-    unfrozen = "all" if config.train.unfreeze_layers is None else f"the top {config.train.unfreeze_layers}"
-    phases = [
-        _Phase(1, 0, head, config.train.head_lr, "training the head, backbone frozen"),
-        _Phase(
-            2, head, head + tune, config.train.finetune_lr, f"fine-tuning {unfrozen} backbone layers, BatchNorm frozen"
-        ),
-    ]
-    throughput = {}
-    for phase in phases:
-        done_marker = run_dir / "checkpoints" / f"phase{phase.number}.done"
-        if phase.end == phase.start:
-            print(f"Phase {phase.number}/2: skipped (0 epochs).")
-        elif done_marker.exists():
-            print(f"Phase {phase.number}/2: already finished in this run; skipping.")
-        else:
-            context = dict(run_dir=run_dir, config=config, split=split, pipelines=pipelines, strategy=strategy)
-            rate = _run_phase(model, phase, class_weight=weights_by_class, extra_callbacks=extra_callbacks, **context)
-            throughput[f"phase{phase.number}_images_per_second"] = rate
-            done_marker.touch()
-
+    ctx = _Context(
+        run_dir=run_dir,
+        config=config,
+        split=split,
+        pipelines=pipelines,
+        strategy=strategy,
+        class_weight=weights_by_class,
+        budget=None
+        if config.train.time_budget is None
+        else budget_lib.TimeBudget(budget_lib.parse_duration(config.train.time_budget), started),
+        extra_callbacks=list(extra_callbacks),
+    )
+    throughput = _fit_phases(model, ctx)
     best_file, best_json = run_dir / "checkpoints" / "best.weights.h5", run_dir / "checkpoints" / "best.json"
     if best_file.exists():
         _load_model_weights(model, best_file)  # early stopping's "restore the best weights", across phases and restarts
@@ -584,8 +761,11 @@ def train(
         if labels:
             probabilities = model.predict(pipelines.evaluation(subset), verbose=0)
             metrics[subset] = classification_metrics(labels, probabilities, split.class_names)
-            if subset == "val" and len(split.class_names) == 2:
-                metrics["operating_point"] = _choose_operating_point(run_dir, config, split, labels, probabilities)
+            if subset == "val":
+                epoch = best["epoch"] if best else None
+                callbacks.write_confusion_matrix(run_dir / "logs", labels, probabilities, split.class_names, epoch)
+                if len(split.class_names) == 2:
+                    metrics["operating_point"] = _choose_operating_point(run_dir, config, split, labels, probabilities)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
     final = {
@@ -646,6 +826,13 @@ def _load_model_weights(model: keras.Model, path: Path) -> None:
 
 def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
     return None if setting == "off" else data.class_weights(split, force=setting == "on")
+
+
+def _save_weights(model: keras.Model, path: Path) -> None:
+    """Saves weights under a temporary name, then renames: an interrupted save never leaves a half checkpoint."""
+    temporary = path.with_name(f".{path.stem}.partial.weights.h5")
+    model.save_weights(temporary)
+    os.replace(temporary, path)
 
 
 def _save_model(model: keras.Model, path: Path) -> None:

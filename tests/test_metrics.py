@@ -178,17 +178,20 @@ def test_operating_point_file_round_trip(tmp_path):
 
 
 def test_training_curves_png(tmp_path):
-    rows = ["epoch,accuracy,auc,learning_rate,loss,val_accuracy,val_auc,val_loss"]
+    rows = ["epoch,accuracy,auc,learning_rate,loss,phase,val_accuracy,val_auc,val_loss"]
     for epoch in range(6):
-        lr = 1e-3 if epoch < 3 else 1e-4
-        rows.append(f"{epoch},{0.5 + epoch / 20},{0.6 + epoch / 20},{lr},{1 - epoch / 10},{0.5 + epoch / 25},0.7,0.9")
-    rows.append("3,0.66,0.76,0.0001,0.69,0.62,0.7,0.9")  # a resumed run logged epoch 3 twice
+        lr, phase = (1e-3, 1) if epoch < 3 else (1e-4, 2)
+        rows.append(
+            f"{epoch},{0.5 + epoch / 20},{0.6 + epoch / 20},{lr},{1 - epoch / 10},{phase},{0.5 + epoch / 25},0.7,0.9"
+        )
+    rows.append("3,0.66,0.76,0.0001,0.69,2,0.62,0.7,0.9")  # a resumed run logged epoch 3 twice
     (tmp_path / "history.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "config.yaml").write_text("train:\n  head_epochs: 3\n  finetune_epochs: 3\n")
     path = plots.plot_training_curves(tmp_path)
     assert path == tmp_path / "training_curves.png"
     assert_valid_png(path)
-    assert [row["epoch"] for row in plots._read_history(tmp_path / "history.csv")] == [0, 1, 2, 3, 4, 5]
+    history = plots._read_history(tmp_path / "history.csv")
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4, 5]
+    assert plots._last_head_epoch(history) == 3  # the phase boundary is drawn after the third epoch
     with pytest.raises(UserError, match="history.csv"):
         plots.plot_training_curves(tmp_path / "missing")
 

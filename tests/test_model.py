@@ -76,21 +76,26 @@ def test_freeze_leaves_only_the_head_trainable():
     assert {id(v) for v in model.trainable_weights} == {id(head.kernel), id(head.bias)}
 
 
-def test_unfreeze_top_layers_keeps_batchnorm_frozen():
+def test_unfreeze_whole_top_blocks_keeps_batchnorm_frozen():
     model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
     freeze_backbone(model)
     backbone = backbone_of(model)
 
-    unfreeze_backbone(model, top_n=20)
+    # EfficientNet-Lite0's last blocks are block6d and block7a; the head convolution goes with block7a.
+    assert unfreeze_backbone(model, top_blocks=2) == ["block6d", "block7a"]
 
     trainable = [v for v in model.trainable_weights if _is_backbone_variable(model, v)]
-    assert trainable, "unfreezing must make some backbone weights trainable"
     assert all(not layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
-    assert all(not layer.trainable for layer in backbone.layers[:-20])
-    assert backbone.get_layer("top_conv").trainable and not backbone.get_layer("stem_conv").trainable
+    unfrozen = {layer.name for layer in backbone.layers if layer.trainable}
+    assert unfrozen == {
+        "block6d_expand_conv", "block6d_expand_activation", "block6d_dwconv", "block6d_activation",
+        "block6d_project_conv", "block6d_add",
+        "block7a_expand_conv", "block7a_expand_activation", "block7a_dwconv", "block7a_activation",
+        "block7a_project_conv", "top_conv", "top_activation",
+    }  # fmt: skip
     top_only = len(trainable)
 
-    unfreeze_backbone(model, top_n=None)
+    assert len(unfreeze_backbone(model, top_blocks=None)) == 16  # block1a ... block7a
 
     convolutions = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
     assert all(layer.trainable for layer in convolutions)  # Conv2D and DepthwiseConv2D, stem included
@@ -98,9 +103,17 @@ def test_unfreeze_top_layers_keeps_batchnorm_frozen():
     assert len([v for v in model.trainable_weights if _is_backbone_variable(model, v)]) > top_only
 
 
+def test_blocks_of_keras_applications_backbones_are_whole():
+    model = build_classifier("mobilenet_v2", num_classes=2, image_size=SIZE, weights="none")
+    assert unfreeze_backbone(model, top_blocks=1) == ["block_16"]
+    unfrozen = {layer.name for layer in backbone_of(model).layers if layer.trainable}
+    assert unfrozen == {"block_16_expand", "block_16_expand_relu", "block_16_depthwise", "block_16_depthwise_relu",
+                        "block_16_project", "Conv_1", "out_relu"}  # fmt: skip
+
+
 def test_fine_tuning_step_leaves_batchnorm_statistics_alone(pixels):
     model = build_classifier("efficientnet_lite0", num_classes=2, image_size=SIZE, weights="none")
-    unfreeze_backbone(model, top_n=None)
+    unfreeze_backbone(model, top_blocks=None)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     bn = backbone_of(model).get_layer("top_bn")
     conv = backbone_of(model).get_layer("top_conv")
@@ -126,5 +139,5 @@ def test_bad_arguments_are_user_errors():
     with pytest.raises(UserError, match="no 'backbone' layer"):
         backbone_of(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
     model = build_classifier("mobilenet_v3_small", num_classes=2, image_size=SIZE, weights="none")
-    with pytest.raises(UserError, match="top_n"):
-        unfreeze_backbone(model, top_n=0)
+    with pytest.raises(UserError, match="unfreeze_blocks"):
+        unfreeze_backbone(model, top_blocks=0)

@@ -47,8 +47,8 @@ def finished_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     images = write_separable_folder(root / "images", per_class=40)
     add_bad_files(images / "circle_red")
-    # A fresh linear head on frozen features takes a large step well; two epochs are few.
-    fast = ["--head-epochs", "1", "--finetune-epochs", "1", "--set", "train.head_lr=0.01"]
+    # Phase 1 trains the head on cached features: its epochs cost milliseconds.
+    fast = ["--head-epochs", "5", "--finetune-epochs", "1"]
     config = make_config(images, root / "runs", *fast, "--name", "run")
     return train(config)
 
@@ -58,7 +58,9 @@ def test_two_epoch_run_learns_separable_classes(finished_run):
     assert metrics["val"]["accuracy"] >= 0.9
     assert metrics["test"]["accuracy"] >= 0.9
     assert set(metrics["test"]["per_class"]) == {"circle_red", "square_green", "stripes_blue"}
-    assert metrics["throughput"]["phase1_images_per_second"] > 0
+    assert metrics["throughput"]["phase1_feature_images_per_second"] > 0
+    # Phase 1 read the features of the training images plain and in two augmented views, and of validation.
+    assert metrics["throughput"]["phase1_images"] == 3 * (3 * 28) + 3 * 6
 
 
 def test_run_folder_is_complete(finished_run):
@@ -70,7 +72,8 @@ def test_run_folder_is_complete(finished_run):
         curves.verify()
     assert "operating_point" not in json.loads((finished_run / "metrics.json").read_text())  # three classes
     history = read_history(finished_run)
-    assert [int(row["epoch"]) for row in history] == [0, 1]
+    assert [int(row["epoch"]) for row in history] == [0, 1, 2, 3, 4, 5]
+    assert [int(float(row["phase"])) for row in history] == [1, 1, 1, 1, 1, 2]
     assert all(float(row["learning_rate"]) > 0 for row in history)
     # The resolved config reproduces the run's settings.
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
@@ -109,9 +112,11 @@ def test_tensorboard_has_scalars_images_and_hparams(finished_run):
         assert name in train_tensors, name
     assert {"epoch_loss", "epoch_accuracy", "epoch_auc"} <= set(val_logs.Tags()["tensors"])
     assert "augmented_samples" in train_tensors
+    assert "epoch_phase" in train_tensors
     assert "confusion_matrix" in set(val_logs.Tags()["tensors"])
     matrix = val_logs.Tensors("confusion_matrix")
-    assert [event.step for event in matrix] == [0, 1]  # one per epoch
+    best_epoch = json.loads((finished_run / "metrics.json").read_text())["best"]["epoch"]
+    assert [event.step for event in matrix] == [best_epoch]  # one, of the final model
     png = tf.make_ndarray(matrix[-1].tensor_proto)[2]  # [width, height, encoded PNG]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "_hparams_/session_start_info" in hparam_logs.summary_metadata
@@ -191,14 +196,14 @@ def test_config_precedence_yaml_then_set_then_flags(tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("train:\n  head_lr: 0.01\n  finetune_epochs: 7\naugment:\n  preset: medical\n")
     args = build_parser().parse_args(
-        ["--config", str(settings), "--set", "train.head_lr=0.002", "--set", "train.unfreeze_layers=all"]
+        ["--config", str(settings), "--set", "train.head_lr=0.002", "--set", "train.unfreeze_blocks=all"]
         + ["--finetune-epochs", "3"]
     )
     config = config_from_args(args)
     assert config.train.head_lr == 0.002  # --set beats the file
     assert config.train.finetune_epochs == 3  # a flag beats both
     assert config.augment.preset == "medical"
-    assert config.train.unfreeze_layers is None
+    assert config.train.unfreeze_blocks is None
 
 
 @pytest.mark.parametrize(
@@ -247,13 +252,13 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from classifier.train import main
 sys.exit(main(["--data-dir", {str(images)!r}, "--output-dir", {str(tmp_path / "runs")!r}, "--name", "mirrored",
-    "--image-size", "64", "--batch-size", "3", "--head-epochs", "1", "--finetune-epochs", "0", "--augment", "none",
+    "--image-size", "64", "--batch-size", "3", "--head-epochs", "2", "--finetune-epochs", "1", "--augment", "none",
     "--devices", "cpu:0,cpu:1"]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 replica(s)" in result.stdout and "global batch 6" in result.stdout
-    # 18 training images / global batch 6 = 3 steps per epoch.
+    # 18 training images / global batch 6 = 3 steps per fine-tuning epoch.
     assert "3/3" in result.stdout
     assert (tmp_path / "runs" / "mirrored" / "model.keras").exists()
 

@@ -1,0 +1,94 @@
+"""`--time-budget 10m`: fit a training run into a wall-clock budget by measuring, not guessing.
+
+The same settings take 8 minutes on one machine and 30 on another, so epochs fixed in advance either waste a
+fast machine or overrun a slow one. With a budget, training measures what the work costs on this machine once
+it starts (phase 1's forward passes; one fine-tuning step) and cuts the work to fit: phase 1's augmented
+feature views may use a third of the time left after a reserve for the final predictions, phase 2's epochs the
+rest. A budget only ever shortens a run: the configured epochs and views are the most it does.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from classifier.errors import UserError
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# Phase 1's augmented views may take this share of the time left after the reserve; phase 2 gets the rest.
+VIEWS_SHARE = 1 / 3
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Parses `90s`, `10m`, `1.5h` or a number of seconds.
+
+    Raises:
+        UserError: anything else, or a duration that is not positive.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"time budget {text!r} is not a duration: write it like 90s, 10m or 1.5h.")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """A wall-clock budget for one training run.
+
+    Attributes:
+        seconds: The whole budget.
+        started: `time.perf_counter()` when the run started.
+    """
+
+    seconds: float
+    started: float
+
+    def remaining(self) -> float:
+        """Seconds left."""
+        return self.seconds - (time.perf_counter() - self.started)
+
+    def views(self, wanted: int, seconds_per_view: float, reserve_seconds: float) -> int:
+        """How many augmented views phase 1 can afford (at most `wanted`), and says so when it is fewer."""
+        spendable = (self.remaining() - reserve_seconds) * VIEWS_SHARE
+        views = max(0, min(wanted, int(spendable // max(seconds_per_view, 1e-9))))
+        if views < wanted:
+            print(
+                f"  time budget: {views} augmented view(s) instead of {wanted} "
+                f"({seconds_per_view:.0f} s each, {self.remaining():.0f} s left)"
+            )
+        return views
+
+    def epochs(self, wanted: int, seconds_per_epoch: float, reserve_seconds: float) -> int:
+        """How many fine-tuning epochs fit (at most `wanted`), printing the plan."""
+        spendable = self.remaining() - reserve_seconds
+        epochs = max(0, min(wanted, int(spendable // max(seconds_per_epoch, 1e-9))))
+        print(
+            f"Time budget: {self.remaining():.0f} s left, {reserve_seconds:.0f} s kept for the final evaluation; "
+            f"a fine-tuning epoch takes about {seconds_per_epoch:.0f} s here: {epochs} of {wanted} epoch(s) planned."
+        )
+        return epochs
+
+
+def step_seconds(model, images, labels, repeats: int = 2) -> float:
+    """Measured seconds of one training step's forward and backward pass on this batch (no update applied).
+
+    The optimizer's update is left out: it is small next to the gradient of a convolutional network.
+    """
+    import keras  # here, not at the top: the config imports this module, and TensorFlow takes seconds to import
+    import tensorflow as tf
+
+    loss_fn = keras.losses.CategoricalCrossentropy()
+
+    @tf.function
+    def gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    gradients(images, labels)  # the first call traces the function: not a step's cost
+    started = time.perf_counter()
+    for _ in range(repeats):
+        grads = gradients(images, labels)
+    _ = [g.numpy() for g in grads[:1] if g is not None]  # wait for the last step to finish
+    return (time.perf_counter() - started) / repeats
