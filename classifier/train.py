@@ -626,6 +626,7 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
     phase2_started = (checkpoints / "phase2_backup").exists() or (checkpoints / "phase2.done").exists()
     if plan.finetune_epochs and ctx.budget is not None and not phase2_started:  # a resumed phase 2 keeps its plan
         plan = dataclasses.replace(plan, finetune_epochs=_affordable_epochs(model, plan.finetune_epochs, ctx))
+        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
     if plan.finetune_epochs == 0:
         print("Phase 2/2: skipped (0 epochs).")
     elif (checkpoints / "phase2.done").exists():

@@ -13,6 +13,7 @@ import tensorflow as tf
 from test_inference import IMAGE_SIZE, held_out_images, make_trained_run
 
 from classifier import export, tflite_metadata
+from classifier.data import Split
 from classifier.errors import UserError
 from classifier.export import export_run, main
 from classifier.inference import load_predictor
@@ -181,3 +182,70 @@ def test_without_mediapipe_export_says_what_to_install_or_skips_metadata(exporte
     assert report["passed"]
     predictor = load_predictor(tmp_path / "model_float32.tflite")
     assert predictor.labels == (run_dir / "labels.txt").read_text().split()  # from labels.txt beside the file
+
+
+def _outcomes(n: int, keras_right: int, only_keras: int, only_format: int):
+    """Two-class labels and probabilities where Keras is right on `keras_right` of `n` images and the format
+    differs from Keras on `only_keras` (Keras right, format wrong) and `only_format` (the reverse) images."""
+    y_true = np.zeros(n, dtype=int)
+    keras_top = np.where(np.arange(n) < keras_right, 0, 1)
+    format_top = keras_top.copy()
+    format_top[:only_keras] = 1  # among Keras' right answers
+    format_top[keras_right : keras_right + only_format] = 0  # among its wrong ones
+    as_probs = lambda top: np.stack([1.0 - 0.9 * top, 0.1 + 0.8 * top], axis=1)  # noqa: E731
+    return as_probs(format_top), as_probs(keras_top), y_true
+
+
+def test_quantized_gate_fails_only_a_drop_beyond_the_noise():
+    limits = export.Thresholds()
+    # The case from the field: 393 test images, Keras 86.77 %, int8 85.50 %: a drop of 1.27 points made of
+    # 12 images only Keras got right and 7 only int8 got right. Within the noise: passes, with its interval shown.
+    entry = export._parity(*_outcomes(393, 341, 12, 7))
+    assert entry["accuracy_drop"] == pytest.approx(5 / 393)
+    assert (entry["only_keras_right"], entry["only_format_right"]) == (12, 7)
+    low, high = entry["accuracy_drop_ci95"]
+    assert low < 0 < 5 / 393 < high
+    assert export._gate("int8", {**entry, "input_quantization": [1.0, 0.0]}, limits) == []
+    # 40 images lost and none gained (10 points): a real drop, and the gate says so with the interval.
+    entry = export._parity(*_outcomes(393, 341, 40, 0))
+    (problem,) = export._gate("int8", {**entry, "input_quantization": [1.0, 0.0]}, limits)
+    assert "drop 10.18 points (95 % interval" in problem
+    # No disagreement at all: exactly zero, no bootstrap needed.
+    assert export._parity(*_outcomes(50, 40, 0, 0))["accuracy_drop_ci95"] == [0.0, 0.0]
+
+
+def test_calibration_sample_is_class_balanced():
+    train = [(f"a{i}.png", 0) for i in range(90)] + [(f"b{i}.png", 1) for i in range(10)]
+    split = Split(root="/data", class_names=["a", "b"], train=train, val=[], test=[], skipped=[], seed=0, fractions={})
+    sample = export._calibration_sample(split, 20, seed=0)
+    labels = [label for _, label in sample.train]
+    assert (labels.count(0), labels.count(1)) == (10, 10)  # 90:10 in the data, 10:10 in the sample
+    sample = export._calibration_sample(split, 40, seed=0)
+    labels = [label for _, label in sample.train]
+    assert (labels.count(0), labels.count(1)) == (30, 10)  # the small class gives all it has; the other fills in
+    assert len(set(sample.train)) == 40
+
+
+def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    real_gate, calls = export._gate, []
+
+    def gate_failing_first_int8(fmt, entry, limits):
+        calls.append(fmt)
+        if fmt == "int8" and calls.count("int8") == 1:
+            return ["pretend the full int8 file lost accuracy"]
+        return real_gate(fmt, entry, limits)
+
+    monkeypatch.setattr(export, "_gate", gate_failing_first_int8)
+    report = export_run(
+        run_dir, formats=["int8"], out_dir=tmp_path, calibration_images=20, latency_runs=2, keep_float_layers=3
+    )
+    entry = report["formats"]["int8"]
+    assert report["passed"] and entry["passed"] and calls.count("int8") == 2
+    assert len(entry["float_layers"]) == 3 and "accuracy" in entry["full_int8"]
+    # Still what a phone expects: camera bytes in, uint8 scores out, and the same answers as Keras.
+    predictor = load_predictor(tmp_path / "model_int8.tflite")
+    assert predictor.input_dtype == np.uint8 and entry["input_quantization"] == pytest.approx([1.0, 0.0], abs=1e-3)
+    images, _ = held_out_images(run_dir)
+    keras_top = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0).argmax(-1)
+    assert np.mean(predictor.predict(images).argmax(-1) == keras_top) >= 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import keras
@@ -285,3 +286,32 @@ def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys):
     assert "--resume" in message and "epochs" in message and "set" in message
     assert main(["--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_durations_parse_and_bad_ones_name_the_format():
+    from classifier.budget import TimeBudget, parse_duration
+
+    assert [parse_duration(text) for text in ("90s", "10m", "1.5h", "45", 30)] == [90.0, 600.0, 5400.0, 45.0, 30.0]
+    for bad in ("ten minutes", "-5m", "0", "5 days"):
+        with pytest.raises(UserError, match="90s, 10m or 1.5h"):
+            parse_duration(bad)
+    budget = TimeBudget(seconds=100.0, started=time.perf_counter())
+    # 100 s minus a 10 s reserve holds two 30 s epochs (and never more than asked).
+    assert budget.epochs(5, seconds_per_epoch=30.0, reserve_seconds=10.0) == 2
+    assert budget.epochs(1, seconds_per_epoch=30.0, reserve_seconds=10.0) == 1
+    # Views may take a third of what is left after the reserve: 30 s and a bit, three 10 s views.
+    assert TimeBudget(seconds=101.0, started=time.perf_counter()).views(5, 10.0, reserve_seconds=10.0) == 3
+
+
+def test_a_tight_time_budget_cuts_the_work_and_still_finishes(tmp_path, capsys):
+    images = write_separable_folder(tmp_path / "images", per_class=12)
+    fit = ["--head-epochs", "3", "--finetune-epochs", "3", "--time-budget", "1s"]
+    config = make_config(images, tmp_path / "runs", *fit)
+    run_dir = train(config)
+    out = capsys.readouterr().out
+    assert "0 augmented view(s) instead of 2" in out
+    assert "0 of 3 epoch(s) planned" in out and "Phase 2/2: skipped" in out
+    history = read_history(run_dir)
+    assert {int(float(row["phase"])) for row in history} == {1}  # the head trained; no fine-tuning epoch ran
+    assert json.loads((run_dir / "checkpoints" / "plan.json").read_text())["finetune_epochs"] == 0
+    assert (run_dir / "model.keras").exists() and (run_dir / "metrics.json").exists()
