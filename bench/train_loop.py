@@ -84,7 +84,7 @@ def plain_loop(split: data.Split, size: int, epochs: int, blocks: int, seed: int
             freeze_backbone(model)
         else:
             unfreeze_backbone(model, blocks)
-        model.compile(keras.optimizers.AdamW(1e-4), keras.losses.CategoricalCrossentropy(), ["accuracy"])
+        model.compile(keras.optimizers.AdamW(1e-4), keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
         seconds = []
         for _ in range(epochs):
             started = time.perf_counter()
