@@ -87,7 +87,8 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay.
         warmup_fraction: Share of each phase's steps spent warming the learning rate up before the cosine decay.
         label_smoothing: Softens one-hot targets; helps calibration on noisy medical and inspection labels.
-        class_weights: `auto` (balanced weights when the largest class is over 1.5x the smallest), `on` or `off`.
+        class_weights: `auto` (balanced weights when there are more than two classes and the largest is over 1.5x
+            the smallest; two classes rely on the operating point instead), `on` or `off`.
         monitor: Validation metric that picks the best checkpoint and drives early stopping.
         early_stopping_patience: Epochs without improvement of `monitor` before a phase stops (0 disables).
         operating_point: Two-class tasks: how the decision threshold is chosen on the validation split, `youden`
