@@ -582,6 +582,8 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
         callbacks.BestTracker(best_json, checkpoint),
         *ctx.epoch_callbacks(phase=2),
     ]
+    if ctx.budget is not None:
+        phase_callbacks.append(budget_lib.stop_when_spent(ctx.budget, _reserve_seconds(ctx)))
     if config.train.early_stopping_patience > 0:
         # The best weights are restored from the best checkpoint at the end of training (that file survives a
         # restart, EarlyStopping's copy in memory does not).

@@ -303,6 +303,22 @@ def test_durations_parse_and_bad_ones_name_the_format():
     assert TimeBudget(seconds=101.0, started=time.perf_counter()).views(5, 10.0, reserve_seconds=10.0) == 3
 
 
+def test_training_stops_when_the_next_epoch_would_overrun_the_budget(capsys):
+    from classifier.budget import TimeBudget, stop_when_spent
+
+    class SlowEpochs(keras.callbacks.Callback):  # epochs far slower than any plan made from one measured step
+        def on_epoch_end(self, epoch, logs=None):
+            time.sleep(0.4)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    budget = TimeBudget(seconds=1.2, started=time.perf_counter())
+    x = np.zeros((4, 2), "float32")
+    history = model.fit(x, x[:, :1], epochs=20, verbose=0, callbacks=[SlowEpochs(), stop_when_spent(budget, 0.0)])
+    assert 1 <= len(history.epoch) <= 3  # 20 were asked; an epoch costs at least 0.4 s of a 1.2 s budget
+    assert "Time budget: stopping after epoch" in capsys.readouterr().out
+
+
 def test_a_tight_time_budget_cuts_the_work_and_still_finishes(tmp_path, capsys):
     images = write_separable_folder(tmp_path / "images", per_class=12)
     fit = ["--head-epochs", "3", "--finetune-epochs", "3", "--time-budget", "1s"]
