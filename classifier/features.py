@@ -24,6 +24,10 @@ import tensorflow as tf
 
 POOL_LAYER = "pool"
 HEAD_LAYERS = ("dropout", "head")
+# Head training on features runs at least this batch: a step is a tiny matrix product, so at batch 32 Keras'
+# per-step overhead is the cost. On ELPV features (224 px, two views, seed 42) batch 256 at the same peak rate
+# ran 0.60 s per epoch against 1.40 and reached a lower validation loss (0.473 against 0.485).
+HEAD_BATCH = 256
 
 
 @dataclass(frozen=True)

@@ -499,7 +499,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     extract_seconds = plain.seconds + (augmented.seconds if augmented else 0.0)
     print(f"  features of {len(x_train) + n_val} images in {extract_seconds:.0f} s ({rate:.0f} images/s)")
 
-    batch = config.data.batch_size * ctx.strategy.num_replicas_in_sync
+    batch = max(config.data.batch_size, features.HEAD_BATCH) * ctx.strategy.num_replicas_in_sync
     steps = math.ceil(len(x_train) / batch)
     started = time.perf_counter()
     with ctx.strategy.scope():
