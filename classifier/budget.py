@@ -87,7 +87,8 @@ def stop_when_spent(budget: TimeBudget, reserve_seconds: float):
         def on_epoch_end(self, epoch, logs=None):
             took = time.perf_counter() - self._began
             left = budget.remaining() - reserve_seconds
-            if left < took and not self.model.stop_training:
+            last = epoch + 1 >= self.params.get("epochs", 0)
+            if left < took and not self.model.stop_training and not last:
                 print(
                     f"Time budget: stopping after epoch {epoch + 1}: it took {took:.0f} s and {max(0.0, left):.0f} s "
                     "are left before the final evaluation."

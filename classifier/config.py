@@ -152,7 +152,8 @@ class RuntimeConfig:
     """Devices and numerics.
 
     Attributes:
-        devices: `auto` (every visible GPU, else the CPU), `cpu`, or a comma list such as `gpu:0,gpu:1`.
+        devices: `auto` (a cluster when TF_CONFIG names one, else every visible GPU, else the CPU), `cpu`,
+            `multi_worker` (MultiWorkerMirroredStrategy from TF_CONFIG), or a comma list such as `gpu:0,gpu:1`.
         mixed_precision: `auto` (on for GPUs with compute capability >= 7.0, off on CPU), `on` or `off`.
         jit_compile: Compile training steps with XLA.
     """

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classifier import augment, backbones, callbacks, data, demo_data, features, operating_point, plots
+from classifier import augment, backbones, callbacks, data, demo_data, distribute, features, operating_point, plots
 from classifier import budget as budget_lib
 from classifier import model as model_lib
 from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
@@ -116,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-budget", help="wall-clock budget such as 10m: epochs and feature views are cut to fit (default none)"
     )
     fit.add_argument("--augment", help="none, light, medium, heavy, medical or inspection (default light)")
-    fit.add_argument("--devices", help="auto, cpu, or a list such as gpu:0,gpu:1 (default auto)")
+    fit.add_argument(
+        "--devices", help="auto, cpu, multi_worker (TF_CONFIG), or a list such as gpu:0,gpu:1 (default auto)"
+    )
     fit.add_argument("--mixed-precision", choices=["auto", "on", "off"], help="float16 compute (default auto)")
     fit.add_argument("--jit-compile", action="store_true", default=None, help="compile training steps with XLA")
     run = parser.add_argument_group("run folder")
@@ -270,28 +273,6 @@ def resume_run(resume: str, output_dir: str) -> tuple[Config, Path]:
 # Devices
 
 
-def make_strategy(devices: str) -> tf.distribute.Strategy:
-    """One MirroredStrategy over the chosen devices: every visible GPU by default, else the CPU.
-
-    Raises:
-        UserError: a requested device does not exist (the message lists those that do).
-    """
-    logical = tf.config.list_logical_devices()
-    available = {d.name.split("device:")[-1].lower(): d.name for d in logical}
-    if devices == "auto":
-        names = [name for short, name in available.items() if short.startswith("gpu")] or [available["cpu:0"]]
-    elif devices == "cpu":
-        names = [available["cpu:0"]]
-    else:
-        names = []
-        for item in devices.split(","):
-            key = item.strip().lower()
-            if key not in available:
-                raise UserError(f"--devices: no device '{item}' here; available: {', '.join(sorted(available))}.")
-            names.append(available[key])
-    return tf.distribute.MirroredStrategy(devices=names)
-
-
 def use_mixed_precision(setting: str, strategy: tf.distribute.Strategy) -> bool:
     """Mixed float16 where it speeds things up: GPUs of compute capability 7.0 or newer, never on the CPU."""
     if setting != "auto":
@@ -360,6 +341,7 @@ class _Pipelines:
     split: data.Split
     options: dict
     replicas: int
+    multi_worker: bool
     train: tf.data.Dataset
     plain_train: tf.data.Dataset
     views: tf.data.Dataset
@@ -368,7 +350,9 @@ class _Pipelines:
     steps_per_epoch: int
 
     @classmethod
-    def create(cls, split: data.Split, config: Config, global_batch: int, replicas: int) -> _Pipelines:
+    def create(
+        cls, split: data.Split, config: Config, global_batch: int, replicas: int, multi_worker: bool = False
+    ) -> _Pipelines:
         num_classes = len(split.class_names)
 
         def one_hot(images, labels):  # one-hot: label smoothing, and MixUp / CutMix make soft labels
@@ -403,7 +387,7 @@ class _Pipelines:
         sample_split = dataclasses.replace(split, train=split.train[:: max(1, len(split.train) // 16)][:16])
         samples = data.make_dataset(sample_split, "train", **options).map(one_hot)
         samples = augment.augment_dataset(samples, config.augment, num_classes, seed)
-        pipelines = cls(split, options, replicas, train, plain, views, None, samples, steps)
+        pipelines = cls(split, options, replicas, multi_worker, train, plain, views, None, samples, steps)
         pipelines.val = pipelines.evaluation("val").map(one_hot)
         return pipelines
 
@@ -412,10 +396,25 @@ class _Pipelines:
         # Keras reduces the first batch across replicas before it builds the metrics, which fails when that batch
         # splits unevenly (a subset smaller than the global batch): keep the first batch divisible.
         count, batch = len(getattr(self.split, subset)), self.options["batch_size"]
-        if count < batch:
+        if self.multi_worker:
+            batch = _batch_leaving_no_worker_empty(count, batch, self.replicas)
+        elif count < batch:
             batch = max(self.replicas, count // self.replicas * self.replicas)
         dataset = data.make_dataset(self.split, subset, **dict(self.options, batch_size=batch))
         return _filled(dataset) if _cached(self.split, subset, self.options) else dataset
+
+
+def _batch_leaving_no_worker_empty(count: int, batch: int, replicas: int) -> int:
+    """The largest evaluation batch (at most `batch`) whose last batch still gives every replica an image.
+
+    Across workers a batch is split between the replicas, and a replica handed no image fails in BatchNorm
+    (`Incompatible shapes: [32] vs. [0,64,64,3]`); evaluation cannot drop images the way training drops its
+    remainder, so the batch size bends instead (3 images on 2 replicas: one batch of 3, split 2 + 1).
+    """
+    for size in range(min(batch, count), 0, -1):
+        if size >= replicas and (count % size == 0 or count % size >= replicas):
+            return size
+    return max(1, count)
 
 
 def _filled(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -667,6 +666,9 @@ def train(
 ) -> Path:
     """Runs a whole training job and returns its run folder.
 
+    In a cluster (TF_CONFIG, see classifier/distribute.py) every worker runs this same function; only the chief
+    writes the run folder. The other workers train in step with it in a temporary folder that they remove.
+
     Args:
         config: The settings.
         run_dir: An existing run folder to continue (from `resume_run`); None picks the folder from the config.
@@ -676,6 +678,26 @@ def train(
     Raises:
         UserError: for any problem with the data, the settings or the run folder.
     """
+    role = distribute.cluster_role()
+    if role.is_chief or role.workers == 1:
+        return _train(config, role, run_dir, overwrite, extra_callbacks)
+    scratch = Path(tempfile.mkdtemp(prefix=f"classifier-{role.task_type}{role.index}-"))
+    try:
+        worker_config = config.replace({"run": {"output_dir": str(scratch)}})
+        _train(worker_config, role, None, True, extra_callbacks)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{role.describe()}: finished; the chief wrote the run folder.")
+    return Path(config.run.output_dir) / (config.run.name or "")
+
+
+def _train(
+    config: Config,
+    role: distribute.Role,
+    run_dir: Path | None,
+    overwrite: bool,
+    extra_callbacks: list[keras.callbacks.Callback] | tuple,
+) -> Path:
     started = time.perf_counter()
     resumed = run_dir is not None
     if not resumed:
@@ -714,7 +736,7 @@ def train(
         # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
         # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
         keras.utils.set_random_seed(config.data.seed)
-        strategy = make_strategy(config.runtime.devices)
+        strategy = distribute.make_strategy(config.runtime.devices, role)
         mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
         keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
         global_batch = config.data.batch_size * strategy.num_replicas_in_sync
@@ -724,7 +746,9 @@ def train(
             f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
             f"image size {config.data.image_size}px."
         )
-        pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync)
+        if role.workers > 1:
+            print(f"Cluster: this process is {role.describe()}.")
+        pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync, role.workers > 1)
         weights_by_class = _class_weights(config.train.class_weights, split)
         if weights_by_class:
             shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
