@@ -33,6 +33,9 @@ class DataConfig:
         seed: Seed of the split and of the shuffles, so the same command gives the same split.
         resize_mode: `stretch` (whole image, aspect ignored) or `crop` (aspect kept, centre crop).
         cache_budget_mb: Decoded images are kept in memory when they fit in this budget (decode once).
+        disk_cache: Decoded images that do not fit in memory are written once to a disk cache
+            (`$XDG_CACHE_HOME/classifier/decoded`, keyed by the images and the size) and read from there every
+            epoch; false decodes every file every epoch.
         batch_size: Images per replica per step; the global batch is this times the number of replicas.
         positive_class: Two-class tasks: the class a positive result means (the finding: `pneumonia`,
             `defective`); null takes the second class name.
@@ -46,6 +49,7 @@ class DataConfig:
     seed: int = 42
     resize_mode: str = "stretch"
     cache_budget_mb: int = 2048
+    disk_cache: bool = True
     batch_size: int = 32
     positive_class: str | None = None
 

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 import zlib
 from collections import Counter
@@ -609,11 +610,14 @@ def make_dataset(
     resize_mode: str = "stretch",
     cache_budget_mb: int = 1024,
     seed: int = 42,
+    disk_cache: str | os.PathLike | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline over one subset of the split.
 
     Files are decoded in parallel and resized; the resized uint8 images are cached in memory when
-    count x size x size x 3 bytes fits in `cache_budget_mb` (decode once, not every epoch).
+    count x size x size x 3 bytes fits in `cache_budget_mb` (decode once, not every epoch). When they do not
+    fit and `disk_cache` names a folder, they are decoded once into a file cache there (`disk_cache_folder`)
+    and read back from it every epoch after.
 
     Args:
         split: The split.
@@ -624,12 +628,14 @@ def make_dataset(
         resize_mode: "stretch" or "crop", see `resize_image`.
         cache_budget_mb: Memory allowed for the decoded images.
         seed: Shuffle seed.
+        disk_cache: Root of the disk cache for images that do not fit in memory; None decodes every epoch.
 
     Returns:
         Dataset of (images float32 [B, S, S, 3] in 0..255, labels int32 [B]); empty when the subset is.
 
     Raises:
-        UserError: unknown resize_mode, or files of the split are missing (the data folder changed or moved).
+        UserError: unknown resize_mode, files of the split are missing (the data folder changed or moved), or
+            the disk lacks room for the disk cache.
     """
     if resize_mode not in RESIZE_MODES:
         raise UserError(f"resize mode '{resize_mode}' is unknown: use one of {', '.join(RESIZE_MODES)}")
@@ -652,9 +658,65 @@ def make_dataset(
         dataset = dataset.cache()
         if training:
             dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    elif disk_cache is not None and items:
+        folder = disk_cache_folder(disk_cache, root, items, image_size, resize_mode)
+        dataset = _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def disk_cache_folder(
+    cache_root: str | os.PathLike, root: Path, items: list[tuple[str, int]], image_size: int, resize_mode: str
+) -> Path:
+    """The disk cache of one list of images at one size: named by a hash of what its pixels depend on.
+
+    The key covers the images (path, size in bytes, modification time, label) in order, the size and the resize
+    mode, so a changed file or another split gets a cache of its own and a stale one is never read.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{image_size}:{resize_mode}".encode())
+    for rel, label in items:
+        stat = (root / rel).stat()
+        digest.update(f"\0{root / rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}".encode())
+    return Path(cache_root) / f"{len(items)}x{image_size}-{digest.hexdigest()[:20]}"
+
+
+def _from_disk_cache(decoded: tf.data.Dataset, folder: Path, nbytes: int) -> tf.data.Dataset:
+    """`decoded` read from a finished tf.data file cache in `folder`, written first if there is none.
+
+    tf.data's file cache is written under a temporary folder and renamed when a whole pass finished, so an
+    interrupted or concurrent writer never leaves a half cache that a later run would read (tf.data itself
+    refuses a cache another iterator is writing, and a killed writer leaves its lock file behind).
+    """
+    import shutil
+    import uuid
+
+    done = folder / "complete"
+    if not done.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder.parent).free
+        if free < nbytes * 1.1:
+            raise UserError(
+                f"the disk cache of the decoded images needs {nbytes / 2**30:.1f} GiB and {folder.parent} has "
+                f"{free / 2**30:.1f} GiB free: free some space, point XDG_CACHE_HOME at a larger disk, or turn "
+                "the disk cache off with --set data.disk_cache=false (every epoch then decodes every file again)."
+            )
+        for stale in folder.parent.glob(f".{folder.name}.*"):  # writers that were killed
+            if time.time() - stale.stat().st_mtime > 24 * 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        building = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}"
+        building.mkdir()
+        print(f"Decoding {nbytes / 2**20:.0f} MB of images once into the disk cache {folder} ...", flush=True)
+        for _ in decoded.cache(str(building / "images")):
+            pass
+        (building / "complete").touch()
+        try:
+            building.rename(folder)
+        except OSError:  # another process finished the same cache first: use that one
+            shutil.rmtree(building, ignore_errors=True)
+    return decoded.cache(str(folder / "images"))
 
 
 def fits_cache(count: int, image_size: int, cache_budget_mb: int) -> bool:

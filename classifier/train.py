@@ -363,6 +363,7 @@ class _Pipelines:
             batch_size=global_batch,
             resize_mode=config.data.resize_mode,
             cache_budget_mb=config.data.cache_budget_mb,
+            disk_cache=demo_data.cache_root() / "decoded" if config.data.disk_cache else None,
         )
         seed = config.data.seed
         # One decode of the training images serves phase 1's plain pass, its augmented views and phase 2.
@@ -371,7 +372,12 @@ class _Pipelines:
             plain = _filled(plain)
         plain = plain.map(one_hot)
         views = augment.augment_dataset(plain, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
-        shuffled = plain.unbatch().shuffle(max(1, len(split.train)), seed=seed, reshuffle_each_iteration=True)
+        # The shuffle buffer holds decoded images: all of them when they fit the memory budget, else as many as do
+        # (images read from the disk cache or decoded every epoch come in manifest order, shuffled within it).
+        buffer = len(split.train)
+        if not _cached(split, "train", options):
+            buffer = min(buffer, config.data.cache_budget_mb * 2**20 // (config.data.image_size**2 * 3))
+        shuffled = plain.unbatch().shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
         steps = math.ceil(len(split.train) / global_batch)
         # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
         # the few images dropped are different ones every epoch (the pipeline reshuffles).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -363,3 +364,39 @@ def test_tfds_dataset_is_written_as_class_folders_with_its_own_splits(tmp_path, 
     assert split.fractions == {"presplit": True, "val": 0.25}
     assert data.class_counts(split, "test").tolist() == [2, 2] and data.class_counts(split, "val").tolist() == [1, 1]
     assert demo_data.materialize_tfds("data_test_colours", tmp_path / "cache") == folder  # reused, not rewritten
+
+
+def test_images_that_do_not_fit_in_memory_are_decoded_once_into_a_disk_cache(separable_folder, tmp_path, monkeypatch):
+    split = data.split_scan(data.scan_folder(separable_folder))
+    options = dict(image_size=32, batch_size=8, cache_budget_mb=0)  # nothing fits in memory
+    cache = tmp_path / "cache"
+
+    def pixels(dataset):
+        return np.concatenate([images.numpy() for images, _ in dataset])
+
+    decoded = pixels(data.make_dataset(split, "train", **options))
+    assert np.array_equal(pixels(data.make_dataset(split, "train", **options, disk_cache=cache)), decoded)
+    [folder] = cache.iterdir()  # one finished cache; no writer's leftovers
+    assert (folder / "complete").exists()
+
+    # The cache is what the next pipeline reads: damage a file in place (same size, same time stamp, so the
+    # same cache key) and the cached pixels still come back, where decoding would now give others.
+    victim = separable_folder / split.train[0][0]
+    stat = victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 3 :] = bytes(len(raw) - len(raw) // 3)
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert np.array_equal(pixels(data.make_dataset(split, "train", **options, disk_cache=cache)), decoded)
+    assert len(list(cache.iterdir())) == 1
+
+    # A file replaced by another image (new time stamp) gets a cache of its own.
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(victim, format="PNG" if victim.suffix == ".png" else "JPEG")
+    changed = pixels(data.make_dataset(split, "train", **options, disk_cache=cache))
+    assert len(list(cache.iterdir())) == 2 and not np.array_equal(changed, decoded)
+
+    # Too little room: a message that names the fix, and no half cache.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match="disk_cache=false"):
+        data.make_dataset(split, "val", **options, disk_cache=cache)
+    assert len(list(cache.iterdir())) == 2

@@ -331,3 +331,14 @@ def test_a_tight_time_budget_cuts_the_work_and_still_finishes(tmp_path, capsys):
     assert {int(float(row["phase"])) for row in history} == {1}  # the head trained; no fine-tuning epoch ran
     assert json.loads((run_dir / "checkpoints" / "plan.json").read_text())["finetune_epochs"] == 0
     assert (run_dir / "model.keras").exists() and (run_dir / "metrics.json").exists()
+
+
+def test_a_run_whose_images_do_not_fit_in_memory_trains_from_the_disk_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    images = write_separable_folder(tmp_path / "images", per_class=10)
+    config = make_config(images, tmp_path / "runs", "--epochs", "1", "--set", "data.cache_budget_mb=0")
+    run_dir = train(config)
+    assert "into the disk cache" in capsys.readouterr().out
+    caches = sorted((tmp_path / "xdg" / "classifier" / "decoded").iterdir())
+    assert caches and all((folder / "complete").exists() for folder in caches)
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] is not None
