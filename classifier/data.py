@@ -49,6 +49,12 @@ IMBALANCE_RATIO = 1.5
 MIN_IMAGES_PER_CLASS = 2
 # Folder names that mark the pre-split layout, and the subset each one stands for.
 PRESPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# Folders that archivers, file systems and NAS boxes add beside real classes: never a class.
+IGNORED_FOLDERS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Information", "@eaDir", "lost+found"})
+# One image above this many pixels costs gigabytes once decoded (a 13,000 x 13,000 PNG of 493 KB: 2.4 GB), far
+# more than any input size needs; such files are skipped with the reason. Pillow's own bomb limit (89 MP, a
+# warning, then an error at twice that) is kept for files above it.
+MAX_PIXELS = 8192 * 8192
 _PROGRESS_MIN_FILES = 500  # smaller scans finish in a blink: a progress bar would only add noise
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -134,6 +140,11 @@ def load_image(path: str | os.PathLike | bytes) -> np.ndarray:
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise ValueError(
+                f"too large: {image.width} x {image.height} pixels ({image.width * image.height / 1e6:.0f} MP) "
+                f"is over the {MAX_PIXELS / 1e6:.0f} MP that is decoded; downscale the file"
+            )
         image.load()  # the full decode: a truncated file fails here, not halfway through training
         ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
@@ -176,6 +187,8 @@ def check_image(path: str | os.PathLike) -> str | None:
     except Image.DecompressionBombError as error:
         return f"too large to decode safely: {error}"
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's plugins raise all of these
+        if str(error).startswith("too large:"):
+            return str(error)
         return f"truncated or corrupt image: {error}"
     return None
 
@@ -281,8 +294,23 @@ def scan_folder(data_dir: str | os.PathLike) -> ScanResult:
 
 
 def _visible_subfolders(folder: Path) -> list[str]:
-    """Sorted names of the non-hidden subfolders."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    """Sorted names of the subfolders that can be classes.
+
+    Hidden folders, `IGNORED_FOLDERS` (`__MACOSX` and the like) and links that lead back to this folder or
+    above it (which would make a class of copies of every image) are left out. Other symbolic links to folders,
+    inside or outside the data folder, are followed: a documented choice, so that a class can live elsewhere.
+    """
+    here = folder.resolve()
+    names = []
+    for entry in os.scandir(folder):
+        if not entry.is_dir() or entry.name.startswith(".") or entry.name in IGNORED_FOLDERS:
+            continue
+        if entry.is_symlink():
+            target = Path(entry.path).resolve()
+            if target == here or target in here.parents:
+                continue
+        names.append(entry.name)
+    return sorted(names)
 
 
 def _is_presplit(root: Path, folders: list[str]) -> bool:
@@ -499,6 +527,12 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
             f"split file '{path}' is not a valid split manifest ({type(error).__name__}: {error}): restore it, or "
             "start a new run (a new split is made when the run folder has no split.json)"
         ) from None
+    for rel, _ in split.train + split.val + split.test:
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise UserError(
+                f"split file '{path}' lists '{rel}', which is outside the data folder: training writes only paths "
+                "inside it, so the file was edited or comes from elsewhere; restore it or start a new run."
+            )
     return split
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CLASS_COLOURS, write_separable_folder
 from PIL import Image, ImageFile
 
 from classifier import data, demo_data
@@ -400,3 +401,27 @@ def test_images_that_do_not_fit_in_memory_are_decoded_once_into_a_disk_cache(sep
     with pytest.raises(UserError, match="disk_cache=false"):
         data.make_dataset(split, "val", **options, disk_cache=cache)
     assert len(list(cache.iterdir())) == 2
+
+
+def test_hostile_folders_make_no_class_and_oversized_images_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    root = write_separable_folder(tmp_path / "images", per_class=6, classes=dict(list(CLASS_COLOURS.items())[:2]))
+    (root / "__MACOSX" / "cats").mkdir(parents=True)  # what unzipping a macOS archive leaves
+    (root / "__MACOSX" / "cats" / "._001.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link back to the data folder itself
+    big = root / sorted(CLASS_COLOURS)[0] / "huge.png"
+    Image.new("L", (300, 200)).save(big)
+    monkeypatch.setattr(data, "MAX_PIXELS", 250 * 200)
+    scan = data.scan_folder(root)
+    assert scan.class_names == sorted(CLASS_COLOURS)[:2]
+    [reason] = [item["reason"] for item in scan.skipped if item["path"].endswith("huge.png")]
+    assert reason.startswith("too large: 300 x 200 pixels")
+
+
+def test_a_split_file_naming_paths_outside_the_data_folder_is_refused(separable_folder, tmp_path):
+    split = data.split_scan(data.scan_folder(separable_folder))
+    for outside in ("/etc/passwd", "../outside/x.png"):
+        manifest = split.to_json()
+        manifest["test"][0][0] = outside
+        (tmp_path / "split.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match="outside the data folder"):
+            data.read_split(tmp_path / "split.json")
