@@ -212,6 +212,11 @@ def scan_folder(data_dir: str | os.PathLike) -> ScanResult:
             f"data folder '{root}' does not exist: pass --data-dir pointing at a folder with one subfolder per class"
         )
     if not root.is_dir():
+        raise UserError(
+            f"--data-dir '{root}' is a file, not a folder: pass the folder that holds one subfolder per class"
+            + (" (unpack the archive first)" if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz") else "")
+        )
+    if not root.is_dir():
         raise UserError(f"data folder '{root}' is a file, not a folder: pass --data-dir with one subfolder per class")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some libraries switch this on globally; it would let half-written JPEGs through as grey-padded images.

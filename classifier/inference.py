@@ -196,20 +196,42 @@ def load_predictor(path: str | Path, num_threads: int | None = None) -> Predicto
     path = Path(path)
     if not path.exists():
         raise UserError(f"model '{path}' does not exist: pass {ACCEPTED}")
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        predictor: Predictor = _SavedModelPredictor(path)
-    elif path.is_file() and path.suffix == ".keras":
-        predictor = _KerasPredictor(path)
-    elif path.is_file() and path.suffix == ".tflite":
-        predictor = _TFLitePredictor(path, num_threads)
-        from classifier import tflite_metadata
+    try:
+        if path.is_dir() and (path / "saved_model.pb").is_file():
+            predictor: Predictor = _SavedModelPredictor(path)
+        elif path.is_file() and path.suffix == ".keras":
+            predictor = _KerasPredictor(path)
+        elif path.is_file() and path.suffix == ".tflite":
+            predictor = _TFLitePredictor(path, num_threads)
+            from classifier import tflite_metadata
 
-        predictor.labels = tflite_metadata.read_labels(path.read_bytes())
-    else:
-        raise UserError(f"'{path}' is not a model this toolkit can run: pass {ACCEPTED}")
+            predictor.labels = tflite_metadata.read_labels(path.read_bytes())
+        else:
+            raise UserError(f"'{path}' is not a model this toolkit can run: pass {ACCEPTED}")
+    except UserError:
+        raise
+    # Keras, TensorFlow and LiteRT each raise their own types for a damaged or foreign file (zipfile.BadZipFile,
+    # ValueError "not a valid Flatbuffer", OSError, tf.errors...): whatever it is, it is this file's problem.
+    except Exception as error:  # noqa: BLE001
+        raise UserError(_unreadable(path, error)) from None
     if predictor.labels is None:
         predictor.labels = _labels_beside(path, predictor.num_classes)
     return predictor
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """One line on why a model file could not be opened, and what to do."""
+    text = " ".join(str(error).split())
+    if "Lambda" in text or "safe_mode" in text:
+        return (
+            f"'{path}' contains a Lambda layer, which is arbitrary Python code: Keras' safe mode refuses to load it. "
+            "Models written by this toolkit have none; open only a model you trust, in Python with "
+            "keras.models.load_model(path, safe_mode=False)."
+        )
+    return (
+        f"'{path}' cannot be opened as a {path.suffix or 'SavedModel'} model ({type(error).__name__}: {text[:200]}): "
+        f"the file is damaged or is not a model; pass {ACCEPTED}"
+    )
 
 
 def _labels_beside(path: Path, num_classes: int) -> list[str] | None:

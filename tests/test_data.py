@@ -425,3 +425,10 @@ def test_a_split_file_naming_paths_outside_the_data_folder_is_refused(separable_
         (tmp_path / "split.json").write_text(json.dumps(manifest))
         with pytest.raises(UserError, match="outside the data folder"):
             data.read_split(tmp_path / "split.json")
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path):
+    archive = tmp_path / "xrays.zip"
+    archive.write_bytes(b"PK\x03\x04")
+    with pytest.raises(UserError, match="is a file, not a folder.*unpack the archive"):
+        data.scan_folder(archive)

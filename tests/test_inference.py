@@ -118,3 +118,20 @@ def test_bad_paths_and_inputs_are_named(exported, tmp_path):
     (wrong / "labels.txt").write_text("only\ntwo\n")
     with pytest.raises(UserError, match="labels.txt' has 2 names but model .* has 3 outputs"):
         load_predictor(wrong / "model.keras")
+
+
+def test_files_that_are_not_models_or_not_safe_get_one_line_that_names_them(tmp_path):
+    from classifier.inference import load_predictor
+
+    text = tmp_path / "notes.keras"
+    text.write_text("not a zip archive")
+    garbage = tmp_path / "model.tflite"
+    garbage.write_bytes(b"\x00garbage" * 64)
+    lambda_model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: x * 2)])
+    lambda_model.save(tmp_path / "lambda.keras")
+    for path, expected in ((text, "damaged or is not a model"), (garbage, "damaged or is not a model")):
+        with pytest.raises(UserError, match=expected) as caught:
+            load_predictor(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="Lambda layer"):
+        load_predictor(tmp_path / "lambda.keras")
