@@ -146,3 +146,17 @@ def test_user_errors_name_the_problem(model_path, inputs, words, capsys):
 def test_missing_model_is_a_clear_error(tmp_path, image_folder, capsys):
     assert main(["--model", str(tmp_path / "nope.keras"), str(image_folder)]) == 2
     assert "nope.keras" in capsys.readouterr().err
+
+
+def test_a_bad_output_path_is_refused_before_predicting_and_a_good_one_gets_the_rows(
+    model_path, image_folder, tmp_path, capsys
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for output, words in ((tmp_path, "is a folder"), (blocker / "out.csv", "is a file, not a folder")):
+        assert main(["--model", str(model_path), str(image_folder), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+    target = tmp_path / "new" / "deeper" / "predictions.csv"  # a missing folder is created
+    assert main(["--model", str(model_path), str(image_folder), "--output", str(target)]) == 0
+    assert target.read_text().count("\n") > 1 and not list(target.parent.glob(".*partial"))
