@@ -342,3 +342,13 @@ def test_a_run_whose_images_do_not_fit_in_memory_trains_from_the_disk_cache(tmp_
     caches = sorted((tmp_path / "xdg" / "classifier" / "decoded").iterdir())
     assert caches and all((folder / "complete").exists() for folder in caches)
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] is not None
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    images = write_separable_folder(tmp_path / "images", per_class=4)
+    blocker = tmp_path / "runs"
+    blocker.write_text("")
+    argv = ["--data-dir", str(images), "--output-dir", str(blocker / "sub"), *SMALL]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
