@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier import operating_point
+from classifier import operating_point, runlock
 from classifier.errors import UserError, run_cli
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
@@ -85,6 +85,7 @@ class Thresholds:
     max_accuracy_drop: float = 0.01
 
 
+@runlock.holding("export")
 def export_run(
     run_dir: str | Path,
     *,
@@ -168,6 +169,8 @@ def export_run(
     # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
     # so a re-export that fails never replaces a file that passed before.
     # The conversion scratch folder lives until the gate is done: a failing int8 is converted again from it.
+    for leftover in out_dir.glob(".convert-*"):  # scratch of an export that was killed (this one holds the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as scratch_name:
         scratch = Path(scratch_name)
         files: dict[str, Path] = {}

@@ -31,7 +31,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classifier import augment, backbones, callbacks, data, demo_data, distribute, features, operating_point, plots
+from classifier import (
+    augment,
+    backbones,
+    callbacks,
+    data,
+    demo_data,
+    distribute,
+    features,
+    operating_point,
+    plots,
+    runlock,
+)
 from classifier import budget as budget_lib
 from classifier import model as model_lib
 from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
@@ -220,7 +231,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             print(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
             return previous, True
     run_dir = output_dir / (config.run.name or _auto_name(config))
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or all(path.name == runlock.LOCK_FILE for path in run_dir.iterdir()):
         return run_dir, False
     if not (run_dir / "config.yaml").exists():
         raise UserError(
@@ -723,6 +734,18 @@ def _train(
         config = config.replace(resolved)
         spec.check_size(config.data.image_size)
         run_dir, resumed = choose_run_dir(config, overwrite)
+    with runlock.hold(run_dir, "training"):
+        return _train_in(config, role, run_dir, resumed, extra_callbacks, started)
+
+
+def _train_in(
+    config: Config,
+    role: distribute.Role,
+    run_dir: Path,
+    resumed: bool,
+    extra_callbacks: list[keras.callbacks.Callback] | tuple,
+    started: float,
+) -> Path:
     # A mistake found while setting up (too large a batch, a bad size) must not leave a half-made run folder
     # that the next attempt would take for an interrupted run.
     with _removed_on_user_error(run_dir, keep=resumed):

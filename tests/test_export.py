@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -249,3 +252,45 @@ def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_pa
     images, _ = held_out_images(run_dir)
     keras_top = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0).argmax(-1)
     assert np.mean(predictor.predict(images).argmax(-1) == keras_top) >= 0.9
+
+
+def test_a_run_folder_in_use_is_refused_and_a_killed_exports_scratch_is_removed(exported, tmp_path, capsys):
+    from classifier import runlock
+
+    run_dir, _ = exported
+    out = tmp_path / "out"
+    command = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32"]
+    with runlock.hold(run_dir, "training"):
+        assert main(command) == 2
+        assert f"is in use by training (process {os.getpid()})" in capsys.readouterr().err
+    stale = out / ".convert-killed"  # what an export killed mid-conversion leaves
+    stale.mkdir(parents=True)
+    (stale / "model.tflite").write_bytes(bytes(1000))
+    assert main(command) == 0
+    assert not stale.exists()
+
+
+def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
+    from classifier import runlock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from classifier import runlock\n"
+            "with runlock.hold(sys.argv[1], 'training'):\n    time.sleep(600)",
+            str(tmp_path),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    lock = tmp_path / runlock.LOCK_FILE
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and "process" in lock.read_text()):  # the holder has written its name: it holds it
+        assert time.monotonic() < deadline and holder.poll() is None
+        time.sleep(0.05)
+    with pytest.raises(UserError, match="in use by training"), runlock.hold(tmp_path, "export"):
+        pass
+    holder.kill()
+    holder.wait()
+    with runlock.hold(tmp_path, "export"):
+        assert "export" in lock.read_text()
