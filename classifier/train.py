@@ -524,7 +524,10 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     extract_seconds = plain.seconds + (augmented.seconds if augmented else 0.0)
     print(f"  features of {len(x_train) + n_val} images in {extract_seconds:.0f} s ({rate:.0f} images/s)")
 
-    batch = max(config.data.batch_size, features.HEAD_BATCH) * ctx.strategy.num_replicas_in_sync
+    # Large batches on cached features, but never so large that an epoch is fewer than MIN_HEAD_STEPS updates
+    # (a small folder at batch 256 would train its head for one step an epoch).
+    per_replica = max(config.data.batch_size, min(features.HEAD_BATCH, len(x_train) // features.MIN_HEAD_STEPS))
+    batch = per_replica * ctx.strategy.num_replicas_in_sync
     steps = math.ceil(len(x_train) / batch)
     started = time.perf_counter()
     with ctx.strategy.scope():
