@@ -32,7 +32,7 @@ demo: setup
 	exit $$status
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check classifier tests bench train.py export.py
