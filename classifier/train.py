@@ -533,8 +533,11 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     with ctx.strategy.scope():
         schedule = _learning_rate(config.train.head_lr, steps * plan.head_epochs, config.train.warmup_fraction)
         # A head step is a small matrix product: one call per epoch instead of one per step (28 % less time per
-        # epoch on ELPV features, where Keras' per-step dispatch is the cost).
-        _compile(head, config, schedule, config.runtime.jit_compile, steps_per_execution=min(steps, 64))
+        # epoch on ELPV features, where Keras' per-step dispatch is the cost). Not across replicas: Keras 3.15's
+        # multi-step loop under MirroredStrategy with more than one replica fails ("You must feed a value for
+        # placeholder tensor ... while/cond/Placeholder").
+        one_replica = ctx.strategy.num_replicas_in_sync == 1
+        _compile(head, config, schedule, config.runtime.jit_compile, steps_per_execution=min(steps, 64) if one_replica else 1)
     best = features.RestoreBest(config.train.monitor, ctx.mode)
     phase_callbacks = [best, *ctx.epoch_callbacks(phase=1)]
     phase_callbacks.append(callbacks.AugmentedSamples(ctx.run_dir / "logs", pipelines.samples, split.class_names))
