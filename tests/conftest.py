@@ -1,8 +1,10 @@
-"""Shared fixtures: small generated image folders whose classes a model can tell apart."""
+"""Shared fixtures: small generated image folders whose classes a model can tell apart, and one trained run
+exported to every format that the test modules which only read it share (each takes its own copy)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -10,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+IMAGE_SIZE = 48  # of the shared trained run
 
 # Each class is a colour with a shape on it; noise and jitter keep the images from being identical.
 CLASS_COLOURS = {"circle_red": (200, 40, 40), "square_green": (40, 180, 60), "stripes_blue": (40, 60, 200)}
@@ -35,3 +39,53 @@ def write_separable_folder(root: Path, per_class: int = 20, size: int = 48, seed
 def separable_folder(tmp_path: Path) -> Path:
     """Three visually separable classes, 20 images each."""
     return write_separable_folder(tmp_path / "images")
+
+
+def make_trained_run(root: Path, image_size: int = IMAGE_SIZE) -> Path:
+    """Trains a small classifier on generated separable images and writes a run folder like train.py does.
+
+    The offline ImageNet Lite0 weights with a frozen backbone make the head separable in a few seconds at
+    48 px; the point is exporting a real architecture (depthwise convs, ReLU6, BatchNorm), not accuracy.
+    """
+    import keras
+
+    from classifier import data
+    from classifier.model import build_classifier, freeze_backbone
+
+    images = write_separable_folder(root / "images", per_class=30)
+    run_dir = root / "run"
+    split = data.prepare_split(images, run_dir)
+    model = build_classifier("efficientnet_lite0", len(split.class_names), image_size, weights="imagenet")
+    freeze_backbone(model)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    train = data.make_dataset(split, "train", image_size=image_size, batch_size=16, training=True)
+    model.fit(train, epochs=8, verbose=0, shuffle=False)  # make_dataset(training=True) already shuffles
+    model.save(run_dir / "model.keras")
+    (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
+    return run_dir
+
+
+def held_out_images(run_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test split as float32 pixels 0..255 and labels."""
+    from classifier import data
+
+    split = data.read_split(run_dir / "split.json")
+    batches = list(data.make_dataset(split, "test", image_size=image_size, batch_size=64))
+    return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
+
+
+def copy_run(run_dir: Path, folder: Path) -> Path:
+    """A copy of `run_dir` inside `folder`, for a test module that changes what it is given."""
+    return Path(shutil.copytree(run_dir, folder / run_dir.name, symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One trained run exported to every format (the default), and the export's report. Read-only: modules copy
+    it with `copy_run` before exporting into it again."""
+    from classifier.export import export_run
+
+    run_dir = make_trained_run(tmp_path_factory.mktemp("shared"))
+    report = export_run(run_dir, calibration_images=40, latency_runs=5)
+    assert report["passed"], report["failures"]
+    return run_dir, report

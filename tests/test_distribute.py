@@ -51,7 +51,7 @@ def test_two_workers_train_one_run_and_only_the_chief_writes(tmp_path):
     scratch.mkdir()
     ports = free_ports(2)
     command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(output)]
-    command += ["--name", "cluster", "--image-size", "64", "--batch-size", "4", "--weights", "none", "--epochs", "1"]
+    command += ["--name", "cluster", "--image-size", "32", "--batch-size", "4", "--weights", "none", "--epochs", "1"]
     workers = []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=tf_config(index, ports), TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2")

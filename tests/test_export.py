@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_inference import IMAGE_SIZE, held_out_images, make_trained_run
+from conftest import IMAGE_SIZE, copy_run, held_out_images
 
 from classifier import export, tflite_metadata
 from classifier.data import Split
@@ -25,11 +25,10 @@ TFLITE = ("float32", "float16", "dynamic", "int8")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, dict]:
-    """A trained run exported to every format (the default), and the returned report."""
-    run_dir = make_trained_run(tmp_path_factory.mktemp("export"))
-    report = export_run(run_dir, calibration_images=40, latency_runs=5)
-    return run_dir, report
+def exported(exported_run, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the session's run exported to every format (the default), and the export's report."""
+    run_dir, report = exported_run
+    return copy_run(run_dir, tmp_path_factory.mktemp("export")), report
 
 
 def test_every_format_is_written_and_passes_the_gate(exported):
@@ -129,21 +128,21 @@ def test_a_failing_format_is_renamed_and_the_command_fails(exported, tmp_path, c
     run_dir, _ = exported
     out = tmp_path / "out"
     # No model can have a negative probability difference: the float32 gate must fail.
-    code = main(["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--max-diff-float32", "-1"])
+    quick = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--latency-runs", "2"]
+    code = main([*quick, "--max-diff-float32", "0"])
     assert code == 1
     message = capsys.readouterr().err
-    assert "float32: max probability difference" in message and "> -1" in message
+    assert "float32: max probability difference" in message and "> 0" in message
     assert not (out / "model_float32.tflite").exists()
     assert (out / "model_float32.FAILED.tflite").is_file()
     report = json.loads((out / "export_report.json").read_text())
     assert not report["passed"] and not report["formats"]["float32"]["passed"]
     # A passing export, then a failing one: the file that passed stays under its name.
-    assert main(["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32"]) == 0
+    assert main(quick) == 0
     assert not (out / "model_float32.FAILED.tflite").exists()
     passed = (out / "model_float32.tflite").read_bytes()
     capsys.readouterr()
-    failing = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--max-diff-float32", "-1"]
-    assert main(failing) == 1
+    assert main([*quick, "--max-diff-float32", "0"]) == 1
     assert "the earlier model_float32.tflite is kept" in capsys.readouterr().err
     assert (out / "model_float32.tflite").read_bytes() == passed
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging files left
@@ -259,7 +258,7 @@ def test_a_run_folder_in_use_is_refused_and_a_killed_exports_scratch_is_removed(
 
     run_dir, _ = exported
     out = tmp_path / "out"
-    command = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32"]
+    command = ["--run-dir", str(run_dir), "--out-dir", str(out), "--formats", "float32", "--latency-runs", "2"]
     with runlock.hold(run_dir, "training"):
         assert main(command) == 2
         assert f"is in use by training (process {os.getpid()})" in capsys.readouterr().err

@@ -8,50 +8,17 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import write_separable_folder
+from conftest import IMAGE_SIZE, copy_run, held_out_images
 
-from classifier import data
 from classifier.errors import UserError
-from classifier.export import export_run
 from classifier.inference import load_predictor, measure_latency
-from classifier.model import build_classifier, freeze_backbone
-
-IMAGE_SIZE = 48
-
-
-def make_trained_run(root: Path, image_size: int = IMAGE_SIZE) -> Path:
-    """Trains a small classifier on generated separable images and writes a run folder like train.py does.
-
-    The offline ImageNet Lite0 weights with a frozen backbone make the head separable in a few seconds at
-    48 px; the point is exporting a real architecture (depthwise convs, ReLU6, BatchNorm), not accuracy.
-    """
-    images = write_separable_folder(root / "images", per_class=30)
-    run_dir = root / "run"
-    split = data.prepare_split(images, run_dir)
-    model = build_classifier("efficientnet_lite0", len(split.class_names), image_size, weights="imagenet")
-    freeze_backbone(model)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    train = data.make_dataset(split, "train", image_size=image_size, batch_size=16, training=True)
-    model.fit(train, epochs=8, verbose=0, shuffle=False)  # make_dataset(training=True) already shuffles
-    model.save(run_dir / "model.keras")
-    (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
-    return run_dir
-
-
-def held_out_images(run_dir: Path, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """The run's test split as float32 pixels 0..255 and labels."""
-    split = data.read_split(run_dir / "split.json")
-    batches = list(data.make_dataset(split, "test", image_size=image_size, batch_size=64))
-    return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A trained run with a SavedModel, a float32 and an int8 .tflite under run/export/."""
-    run_dir = make_trained_run(tmp_path_factory.mktemp("inference"))
-    report = export_run(run_dir, formats=["saved_model", "float32", "int8"], calibration_images=30, latency_runs=2)
-    assert report["passed"], report["failures"]
-    return run_dir
+def exported(exported_run, tmp_path_factory) -> Path:
+    """A copy of the session's trained run, exported to every format under run/export/."""
+    run_dir, _ = exported_run
+    return copy_run(run_dir, tmp_path_factory.mktemp("inference"))
 
 
 def test_every_kind_agrees_with_keras_and_knows_the_class_names(exported):

@@ -21,7 +21,7 @@ from classifier.config import AugmentConfig, Config
 from classifier.errors import UserError
 from classifier.train import build_parser, config_from_args, main, train
 
-SMALL = ["--image-size", "96", "--batch-size", "4", "--augment", "light"]
+SMALL = ["--image-size", "64", "--batch-size", "4", "--augment", "light"]
 
 
 def make_config(data_dir: Path, output_dir: Path, *extra: str) -> Config:
@@ -78,7 +78,7 @@ def test_run_folder_is_complete(finished_run):
     assert all(float(row["learning_rate"]) > 0 for row in history)
     # The resolved config reproduces the run's settings.
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
-    assert saved["data"]["image_size"] == 96 and saved["train"]["finetune_epochs"] == 1
+    assert saved["data"]["image_size"] == 64 and saved["train"]["finetune_epochs"] == 1
     assert Config().replace(saved).data.batch_size == 4
 
 
@@ -94,7 +94,7 @@ def test_saved_model_reloads_with_the_reported_accuracy(finished_run):
 
     model = keras.models.load_model(finished_run / "model.keras")
     split = data.read_split(finished_run / "split.json")
-    dataset = data.make_dataset(split, "test", image_size=96, batch_size=8)
+    dataset = data.make_dataset(split, "test", image_size=64, batch_size=8)
     predictions = model.predict(dataset, verbose=0).argmax(axis=1)
     accuracy = float(np.mean(predictions == [label for _, label in split.test]))
     metrics = json.loads((finished_run / "metrics.json").read_text())
@@ -185,7 +185,7 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path):
 
 def test_batch_larger_than_training_set_is_a_clear_error(tmp_path, capsys):
     images = write_separable_folder(tmp_path / "images", per_class=6)
-    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--image-size", "96"]
+    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--image-size", "64"]
     assert main([*argv, "--batch-size", "64", "--epochs", "1"]) == 2
     message = capsys.readouterr().err
     assert "64" in message and "batch" in message.lower()
@@ -253,7 +253,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from classifier.train import main
 sys.exit(main(["--data-dir", {str(images)!r}, "--output-dir", {str(tmp_path / "runs")!r}, "--name", "mirrored",
-    "--image-size", "64", "--batch-size", "3", "--head-epochs", "2", "--finetune-epochs", "1", "--augment", "none",
+    "--image-size", "32", "--batch-size", "3", "--head-epochs", "2", "--finetune-epochs", "1", "--augment", "none",
     "--devices", "cpu:0,cpu:1"]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
