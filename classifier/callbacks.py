@@ -1,14 +1,13 @@
 """Callbacks that make a run watchable in TensorBoard and safe to interrupt.
 
-Keras' own callbacks do the heavy lifting (TensorBoard scalars, ModelCheckpoint, EarlyStopping,
-BackupAndRestore, CSVLogger); the ones here add what they lack: the learning rate in `history.csv`, images
-(augmented samples, the final confusion matrix), the phase and the hparams of the run.
+Keras' own callbacks do what they can (EarlyStopping, CSVLogger); the ones here add what they lack: epoch scalars
+on one axis across both phases, the learning rate in `history.csv`, images (augmented samples, the final
+confusion matrix), the phase and the hparams of the run. The checkpoints are `classifier.checkpoints`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -179,29 +178,6 @@ class ThroughputMeter(keras.callbacks.Callback):
         """Median images/s over the epochs after the first (which pays for tracing and filling the cache)."""
         rates = self.rates[1:] or self.rates
         return float(np.median(rates)) if rates else None
-
-
-class BestTracker(keras.callbacks.Callback):
-    """Persists the best monitored value so a resumed run (or the next phase) keeps comparing against it.
-
-    `ModelCheckpoint(save_best_only=True)` forgets its best value when `fit` returns or the process dies; it
-    reads it back through `initial_value_threshold`, which comes from this file.
-    """
-
-    def __init__(self, path: Path, checkpoint: keras.callbacks.ModelCheckpoint):
-        super().__init__()
-        self.path, self.checkpoint = Path(path), checkpoint
-
-    def on_epoch_end(self, epoch, logs=None):
-        best = float(self.checkpoint.best)
-        if np.isfinite(best) and best != read_best(self.path):
-            self.path.write_text(json.dumps({"monitor": self.checkpoint.monitor, "best": best, "epoch": epoch + 1}))
-
-
-def read_best(path: Path) -> float | None:
-    """Returns the best monitored value recorded by `BestTracker`, or None before the first epoch."""
-    path = Path(path)
-    return json.loads(path.read_text())["best"] if path.exists() else None
 
 
 def write_hparams(log_dir: Path, hparams: dict, metrics: dict[str, float]) -> None:

@@ -17,6 +17,7 @@ import yaml
 
 from classifier.budget import parse_duration
 from classifier.errors import UserError
+from classifier.operating_point import parse_method
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,10 @@ def validate(config: Config) -> None:
         raise UserError(f"warmup_fraction is {train.warmup_fraction}: use a value in [0, 1), such as 0.1.")
     if train.monitor not in MONITORS:
         raise UserError(f"monitor is {train.monitor!r}: use one of {', '.join(MONITORS)}.")
+    try:  # checked now, not after training: a bad value found at the end lost the finished training
+        parse_method(train.operating_point)
+    except UserError as error:
+        raise UserError(f"train.operating_point: {error}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -316,10 +321,26 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"config file '{path}' is not valid YAML ({error}): fix the line it names.") from None
+        # Also what a `!!python/object` tag gives (safe_load builds no Python objects).
+        first = str(error).splitlines()[0]
+        raise UserError(f"config file '{path}' is not valid settings YAML ({first}): fix the line it names.") from None
     if not isinstance(content, dict):
         raise UserError(f"config file '{path}' must be a mapping of sections (data:, model:, train: ...).")
     return content
+
+
+def run_setting(run_dir: str | Path | None, section: str, key: str) -> Any:
+    """One setting from a run folder's `config.yaml`, or None when there is no run folder, no config or no value.
+
+    The file is read with `yaml.safe_load` (no Python objects are built from a file someone else may have written).
+
+    Raises:
+        UserError: the run's config.yaml is not valid YAML or not a mapping, naming the file.
+    """
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        return None
+    section_values = load_yaml(Path(run_dir) / "config.yaml").get(section)
+    return section_values.get(key) if isinstance(section_values, dict) else None
 
 
 def save_yaml(config: Config, path: str | Path) -> None:

@@ -7,21 +7,57 @@ without a stack trace; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
+
+# Write errors a user fixes by freeing space or raising a limit, not by reading a traceback.
+_FULL = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "a file-size limit was reached",
+    errno.EDQUOT: "the disk quota is used up",
+}
 
 
 class UserError(Exception):
     """A problem with the user's input or environment, with the fix in the message."""
 
 
-def run_cli(main: Callable[[], int | None]) -> int:
-    """Runs `main`, printing a `UserError` as one readable message (exit code 2) instead of a traceback."""
+def run_cli(main: Callable[[], int | None], interrupted: str = "nothing was written; run the command again.") -> int:
+    """Runs `main`, printing a `UserError` as one readable message (exit code 2) instead of a traceback.
+
+    Args:
+        interrupted: what a Ctrl-C leaves behind and how to go on, shown after "interrupted: ".
+    """
     try:
         return int(main() or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: re-run the same command to continue from the last completed epoch.", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
+    except OSError as error:
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        print(
+            f"error: {reason} while writing ({error}). Files written before are intact (every file is written under "
+            f"a temporary name first); free space or raise the limit, then run the same command again. {interrupted}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed, if it was space or a size limit: h5py and TensorFlow wrap the OS error in their own."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return _FULL[error.errno]
+        text = str(error)
+        for code, reason in _FULL.items():
+            if f"errno = {code}" in text or errno.errorcode[code] in text or os.strerror(code) in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier import operating_point as op_lib
+from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
 from classifier.predict import find_run_dir, open_model, predict_files, run_resize_mode
 
@@ -110,11 +111,7 @@ def _images_from_folder(data_dir: str, subset: str | None) -> tuple[str, list[tu
 
 def _run_image_size(run_dir: Path | None) -> int | None:
     """data.image_size from a run's config.yaml, or None."""
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return None
-    import yaml
-
-    size = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("image_size")
+    size = run_setting(run_dir, "data", "image_size")
     return int(size) if size is not None else None
 
 

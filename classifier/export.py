@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier import operating_point, runlock
+from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
@@ -83,6 +84,19 @@ class Thresholds:
     max_diff_float32: float = 1e-4
     min_agreement_float16: float = 0.99
     max_accuracy_drop: float = 0.01
+
+    def __post_init__(self):
+        flags = {
+            "min_agreement_float32": "--min-agreement-float32",
+            "max_diff_float32": "--max-diff-float32",
+            "min_agreement_float16": "--min-agreement-float16",
+            "max_accuracy_drop": "--max-accuracy-drop",
+        }
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # agreements and drops are fractions, probability differences too
+                default = getattr(Thresholds, name)
+                raise UserError(f"{flag} {value:g} is outside 0..1: give a fraction such as {default:g} (the default).")
 
 
 @runlock.holding("export")
@@ -366,13 +380,7 @@ def _read_labels(run_dir: Path, class_names: list[str], num_classes: int) -> lis
 
 def _resize_mode(run_dir: Path) -> str:
     """The run's data.resize_mode from config.yaml, so test images are resized as in training."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        return "stretch"
-    import yaml
-
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return (config.get("data") or {}).get("resize_mode") or "stretch"
+    return run_setting(run_dir, "data", "resize_mode") or "stretch"
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
@@ -747,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    return run_cli(run)
+    return run_cli(run, "files that passed before keep their names; run the same command again.")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
 
 FORMATS = ("csv", "json")
@@ -45,10 +46,7 @@ def run_resize_mode(run_dir: str | os.PathLike | None) -> str | None:
     """data.resize_mode from a run's config.yaml, or None when there is no run config."""
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         return None
-    import yaml
-
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-    return (config.get("data") or {}).get("resize_mode") or "stretch"
+    return run_setting(run_dir, "data", "resize_mode") or "stretch"
 
 
 def open_model(path: str | os.PathLike, threads: int | None = None):

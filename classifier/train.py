@@ -5,16 +5,19 @@ images → build the input pipelines → build the model inside the distribution
 on a frozen backbone → phase 2 unfreezes the top of the backbone (BatchNorm stays frozen) at a lower learning
 rate → the best checkpoint becomes `model.keras` → metrics on the validation and test splits.
 
-An interrupted run continues where it stopped when the same command is run again: each phase keeps a
-`BackupAndRestore` state in `checkpoints/`, a finished phase leaves a marker, and the best checkpoint's value
-is kept on disk so that selection carries across phases and restarts.
+An interrupted run continues where it stopped when the same command is run again: phase 2 keeps a backup of
+every epoch in `checkpoints/` (phase 1, on cached features, simply runs again), a finished phase leaves a marker,
+and the best checkpoint and its value are kept on disk so that selection carries across phases and restarts
+(`classifier.checkpoints`: every file written whole or not at all; a damaged one is reported and worked around).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -22,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from classifier import (
+    atomic,
     augment,
     backbones,
     callbacks,
@@ -44,6 +47,7 @@ from classifier import (
     runlock,
 )
 from classifier import budget as budget_lib
+from classifier import checkpoints as checkpoints_lib
 from classifier import model as model_lib
 from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
 from classifier.errors import UserError, run_cli
@@ -52,7 +56,7 @@ from classifier.metrics import classification_metrics
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of `python train.py` and `python -m classifier train`."""
-    return run_cli(lambda: _main(argv))
+    return run_cli(lambda: _main(argv), "run the same command again to continue from the last completed epoch.")
 
 
 def _main(argv: list[str] | None) -> int:
@@ -186,8 +190,14 @@ def _is_finished(run_dir: Path) -> bool:
 
 
 def _comparable(config_dict: dict) -> dict:
-    """The settings that decide what a run computes (its name is not one of them)."""
-    return {section: values for section, values in config_dict.items() if section != "run"}
+    """The settings that decide what a run computes (its name is not one of them), with the defaults of settings
+    added since the run's config.yaml was written filled in.
+
+    Raises:
+        UserError: the settings are not valid (a damaged or hand-edited config.yaml).
+    """
+    complete = Config().replace({k: v for k, v in config_dict.items() if k != "run"}).to_dict()
+    return {section: values for section, values in complete.items() if section != "run"}
 
 
 def _auto_name(config: Config) -> str:
@@ -246,8 +256,8 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             f"run '{run_dir}' already exists and is finished: pass --overwrite to train it again, "
             "or --name NEW_NAME for a separate run."
         )
-    saved = load_yaml(run_dir / "config.yaml")
-    if _comparable(saved) != _comparable(settings):
+    saved = _comparable(load_yaml(run_dir / "config.yaml"))
+    if saved != _comparable(settings):
         changed = sorted(
             f"{section}.{key}"
             for section, values in _comparable(settings).items()
@@ -537,7 +547,8 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         # multi-step loop under MirroredStrategy with more than one replica fails ("You must feed a value for
         # placeholder tensor ... while/cond/Placeholder").
         one_replica = ctx.strategy.num_replicas_in_sync == 1
-        _compile(head, config, schedule, config.runtime.jit_compile, steps_per_execution=min(steps, 64) if one_replica else 1)
+        per_call = min(steps, 64) if one_replica else 1
+        _compile(head, config, schedule, config.runtime.jit_compile, steps_per_execution=per_call)
     best = features.RestoreBest(config.train.monitor, ctx.mode)
     phase_callbacks = [best, *ctx.epoch_callbacks(phase=1)]
     phase_callbacks.append(callbacks.AugmentedSamples(ctx.run_dir / "logs", pipelines.samples, split.class_names))
@@ -562,9 +573,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         f"{best.best:.4f} at epoch {best.best_epoch + 1}."
     )
     # The best head becomes the run's best checkpoint so far: phase 2 starts from it and must beat its value.
-    _save_weights(model, checkpoints / "best.weights.h5")
-    best_record = {"monitor": config.train.monitor, "best": best.best, "epoch": best.best_epoch + 1}
-    _write_json(checkpoints / "best.json", best_record)
+    checkpoints_lib.BestStore(checkpoints).save(model, config.train.monitor, best.best, best.best_epoch + 1)
     plan = dataclasses.replace(plan, finetune_start=epochs_run)
     throughput = {
         "phase1_feature_images_per_second": rate,
@@ -582,38 +591,37 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
     """
     config = ctx.config
     checkpoints = ctx.run_dir / "checkpoints"
-    best_file, best_json = checkpoints / "best.weights.h5", checkpoints / "best.json"
+    store = checkpoints_lib.BestStore(checkpoints)
+    backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
     start, end = plan.finetune_start, plan.finetune_start + plan.finetune_epochs
     with ctx.strategy.scope():
         blocks = model_lib.unfreeze_backbone(model, config.train.unfreeze_blocks)
-        if best_file.exists():
-            _load_model_weights(model, best_file)  # start from the best weights so far, not the last
+        store.load_into(model)  # start from the best weights so far, not the last
         schedule = _learning_rate(
             config.train.finetune_lr, ctx.pipelines.steps_per_epoch * plan.finetune_epochs, config.train.warmup_fraction
         )
-        # BackupAndRestore brings back the weights, the optimizer (so the schedule's position) and the epoch.
         _compile(model, config, schedule, config.runtime.jit_compile)
+        # The backup brings back the weights, the optimizer (so the schedule's position) and the epoch reached.
+        restored = backup.restore(model)
+    if restored is not None:
+        print(f"  continuing phase 2 after epoch {restored} from {backup.folder}.")
+        start = restored
+    # Rows of epochs about to run again (a kill after history.csv's row but before the backup, or a phase that
+    # starts over) would be logged twice.
+    _trim_history(ctx.run_dir / "history.csv", before_epoch=start)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     print(
         f"Phase 2/2: fine-tuning {len(blocks)} backbone block(s) ({blocks[0]} to the top; BatchNorm frozen); "
         f"epochs {start + 1}-{end}, peak learning rate {config.train.finetune_lr:g}, "
         f"{trainable:,} trainable parameters."
     )
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        best_file,
-        monitor=config.train.monitor,
-        mode=ctx.mode,
-        save_best_only=True,
-        save_weights_only=True,
-        initial_value_threshold=callbacks.read_best(best_json),
-    )
     meter = callbacks.ThroughputMeter(len(ctx.split.train))
     phase_callbacks = [
-        keras.callbacks.BackupAndRestore(checkpoints / "phase2_backup"),
         meter,
-        checkpoint,
-        callbacks.BestTracker(best_json, checkpoint),
+        checkpoints_lib.BestCheckpoint(store, config.train.monitor, ctx.mode),
         *ctx.epoch_callbacks(phase=2),
+        # Last: a backup never names an epoch whose best weights or history row were not written.
+        backup,
     ]
     if ctx.budget is not None:
         phase_callbacks.append(budget_lib.stop_when_spent(ctx.budget, _reserve_seconds(ctx)))
@@ -652,13 +660,14 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
     if plan.head_epochs == 0:
         print("Phase 1/2: skipped (0 epochs).")
         plan = dataclasses.replace(plan, finetune_start=plan.finetune_start or 0)
-    elif (checkpoints / "phase1.done").exists():
+    elif (checkpoints / "phase1.done").exists() and not _head_lost(checkpoints):
         print("Phase 1/2: already finished in this run; skipping.")
     else:
         plan, throughput = _train_head(model, plan, ctx)
         _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
         (checkpoints / "phase1.done").touch()
-    phase2_started = (checkpoints / "phase2_backup").exists() or (checkpoints / "phase2.done").exists()
+    backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
+    phase2_started = backup.exists() or (checkpoints / "phase2.done").exists()
     if plan.finetune_epochs and ctx.budget is not None and not phase2_started:  # a resumed phase 2 keeps its plan
         plan = dataclasses.replace(plan, finetune_epochs=_affordable_epochs(model, plan.finetune_epochs, ctx))
         _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
@@ -670,7 +679,36 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
         _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
         throughput["phase2_images_per_second"] = _run_finetuning(model, plan, ctx)
         (checkpoints / "phase2.done").touch()
+    backup.remove()  # only once the phase is marked done: a kill before that resumes from it
     return throughput
+
+
+def _trim_history(path: Path, before_epoch: int) -> None:
+    """Keeps the rows of history.csv for epochs before `before_epoch` (0-based)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    column = rows[0].index("epoch")
+    kept = [rows[0], *(row for row in rows[1:] if row and int(row[column]) < before_epoch)]
+    if len(kept) < len(rows):
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(kept)
+        atomic.write_text(path, buffer.getvalue())
+
+
+def _head_lost(checkpoints: Path) -> bool:
+    """True when phase 1 finished but its result is gone (a damaged best checkpoint and no phase-2 state to continue
+    from): phase 1 then runs again, which costs seconds on cached features."""
+    backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
+    if (checkpoints / "phase2.done").exists() or backup.sound():
+        return False
+    if checkpoints_lib.BestStore(checkpoints).record() is not None:
+        return False
+    print("Phase 1/2: its best checkpoint is missing or damaged; training the head again.")
+    return True
 
 
 def _reserve_seconds(ctx: _Context) -> float:
@@ -761,6 +799,8 @@ def _train_in(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
         (run_dir / "checkpoints").mkdir(exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / checkpoints_lib.BACKUP_FOLDER):
+            atomic.remove_leftovers(folder)  # what writers killed mid-write left; their previous files are intact
 
         # Data: the split is written once and reused on resume, evaluation and export.
         split = data.prepare_split(
@@ -827,10 +867,9 @@ def _train_in(
         extra_callbacks=list(extra_callbacks),
     )
     throughput = _fit_phases(model, ctx)
-    best_file, best_json = run_dir / "checkpoints" / "best.weights.h5", run_dir / "checkpoints" / "best.json"
-    if best_file.exists():
-        _load_model_weights(model, best_file)  # early stopping's "restore the best weights", across phases and restarts
-    best = json.loads(best_json.read_text()) if best_json.exists() else None
+    store = checkpoints_lib.BestStore(run_dir / "checkpoints")
+    best = store.record()
+    store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts
     _save_model(model, run_dir / "model.keras")
 
     metrics = {"class_names": split.class_names}
@@ -894,14 +933,6 @@ def _removed_on_user_error(run_dir: Path, keep: bool) -> Iterator[None]:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _load_model_weights(model: keras.Model, path: Path) -> None:
-    """Loads a checkpoint's model weights; its optimizer state may be another phase's, which is not wanted here."""
-    with warnings.catch_warnings():
-        # A phase-1 checkpoint holds the head's optimizer slots only; Keras warns that it skips them.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(path)
-
-
 def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
     """The loss weights per class: `auto` weighs imbalanced multi-class data, never two classes.
 
@@ -915,24 +946,13 @@ def _class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
     return data.class_weights(split, force=setting == "on")
 
 
-def _save_weights(model: keras.Model, path: Path) -> None:
-    """Saves weights under a temporary name, then renames: an interrupted save never leaves a half checkpoint."""
-    temporary = path.with_name(f".{path.stem}.partial.weights.h5")
-    model.save_weights(temporary)
-    os.replace(temporary, path)
-
-
 def _save_model(model: keras.Model, path: Path) -> None:
-    """Saves under a temporary name, then renames: an interrupted save never leaves a half `model.keras`."""
-    temporary = path.with_name(f".{path.stem}.partial.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    checkpoints_lib.ensure_room(model, path)
+    with atomic.replacing(path) as temporary:  # an interrupted save never leaves a half `model.keras`
+        model.save(temporary)
 
 
-def _write_json(path: Path, content: dict) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(content, indent=2))
-    os.replace(temporary, path)
+_write_json = atomic.write_json
 
 
 def _flat_hparams(config: Config) -> dict:

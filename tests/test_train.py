@@ -139,50 +139,6 @@ def test_finished_run_is_never_overwritten_silently(finished_run, capsys):
     assert not list(finished_run.parent.glob(".*replaced"))
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Stands in for a crash or Ctrl-C at the start of a given epoch."""
-
-    def __init__(self, at_epoch: int):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise KeyboardInterrupt
-
-
-class EpochRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
-
-
-def test_interrupted_run_continues_where_it_stopped(tmp_path):
-    images = write_separable_folder(tmp_path / "images", per_class=12)
-    config = make_config(images, tmp_path / "runs", "--head-epochs", "1", "--finetune-epochs", "2", "--augment", "none")
-    # Phase 1 is epoch 0; phase 2 is epochs 1-2. Stop at the start of epoch 2, inside phase 2.
-    with pytest.raises(KeyboardInterrupt):
-        train(config, extra_callbacks=[Interrupt(at_epoch=2)])
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert not (run_dir / "metrics.json").exists()
-    assert [int(row["epoch"]) for row in read_history(run_dir)] == [0, 1]
-
-    recorder = EpochRecorder()
-    resumed = train(config, extra_callbacks=[recorder])  # the same command again
-    assert resumed == run_dir
-    assert recorder.epochs == [2]  # phase 1 not repeated, phase 2 continues at its second epoch
-    history = read_history(run_dir)
-    assert [int(row["epoch"]) for row in history] == [0, 1, 2]
-    # The learning-rate schedule resumed where it was (cosine decay goes on), not from the start of phase 2.
-    assert float(history[2]["learning_rate"]) < float(history[1]["learning_rate"])
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["resumed"] is True and "test" in metrics
-    assert (run_dir / "model.keras").exists()
-
-
 def test_batch_larger_than_training_set_is_a_clear_error(tmp_path, capsys):
     images = write_separable_folder(tmp_path / "images", per_class=6)
     argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), "--image-size", "64"]

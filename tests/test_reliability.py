@@ -1,0 +1,217 @@
+"""Kills at named moments, damaged checkpoints and a file-size limit: the same command always finishes the run,
+with the right epochs, and never shows a traceback.
+
+The kill tests run `train.py` in a child process, poll for the file that marks the moment and SIGKILL it there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_separable_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+# Phase 1 is epochs 0-1 (on cached features), phase 2 epochs 2-4.
+TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--augment", "none"]
+EPOCHS = ["--head-epochs", "2", "--finetune-epochs", "3"]
+
+
+def command(images: Path, output: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(output)]
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kwargs)
+
+
+def kill_when(argv: list[str], ready, timeout: float = 300) -> None:
+    """Starts `argv`, SIGKILLs it as soon as `ready()` is true, and fails if it ends on its own first."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a full pipe would stall the child
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if child.poll() is not None:
+                    errors.seek(0)
+                    raise AssertionError(f"the run ended (exit {child.returncode}) first: {errors.read()[-3000:]}")
+                assert time.monotonic() < deadline, "the moment to kill never came"
+                time.sleep(0.02)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+
+
+def history_epochs(run_dir: Path) -> list[int]:
+    with open(run_dir / "history.csv") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def backup_epoch(run_dir: Path) -> int | None:
+    state = run_dir / "checkpoints" / "phase2_backup" / "state.json"
+    try:
+        return json.loads(state.read_text())["epoch"]
+    except (OSError, ValueError):  # not there yet, or caught between its rename and our read
+        return None
+
+
+def assert_finished_cleanly(run_dir: Path, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert history_epochs(run_dir) == [0, 1, 2, 3, 4]  # phase 1's two epochs, then phase 2's three, once each
+    assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
+    assert not (run_dir / "checkpoints" / "phase2_backup").exists()  # removed once phase 2 is marked done
+    leftovers = [p for p in run_dir.rglob("*") if p.name.startswith(".partial-")]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A run SIGKILLed the moment phase 1 was marked done, run again and SIGKILLed after phase 2's first backup:
+    (images, output folder, run folder). Tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("interrupted")
+    images = write_separable_folder(root / "images", per_class=8, size=32)
+    output = root / "runs"
+    argv = command(images, output) + ["--name", "run", *TINY, *EPOCHS]
+    run_dir = output / "run"
+    kill_when(argv, lambda: (run_dir / "checkpoints" / "phase1.done").exists())
+    kill_when(argv, lambda: backup_epoch(run_dir) is not None)
+    return images, output, run_dir
+
+
+def copy_of(interrupted, tmp_path: Path) -> tuple[list[str], Path]:
+    images, output, _ = interrupted
+    shutil.copytree(output, tmp_path / "runs", symlinks=True)
+    return command(images, tmp_path / "runs") + ["--name", "run", *TINY, *EPOCHS], tmp_path / "runs" / "run"
+
+
+def test_killed_twice_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path):
+    argv, run_dir = copy_of(interrupted, tmp_path)
+    reached = backup_epoch(run_dir)
+    assert reached in (3, 4)  # phase 2 had finished one epoch (or two, if the poll was slow)
+    result = run(argv)
+    assert "Phase 1/2: already finished" in result.stdout
+    assert f"continuing phase 2 after epoch {reached}" in result.stdout
+    assert_finished_cleanly(run_dir, result)
+    # The learning rate goes on decaying from where phase 2 stopped (the optimizer state came back with it).
+    with open(run_dir / "history.csv") as handle:
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(handle)]
+    assert rates[4] < rates[3] < rates[2]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:96])  # what a kill in the middle of an in-place h5py write left
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # The best weights cut short and the backup's record empty: phase 1 and phase 2 both run again.
+        ("best_weights", "backup_record"),
+        # best.json cut short and the backup's weights cut short.
+        ("best_record", "backup_weights"),
+    ],
+)
+def test_damaged_checkpoints_are_reported_and_the_run_still_finishes(interrupted, tmp_path, damage):
+    argv, run_dir = copy_of(interrupted, tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    best = json.loads((checkpoints / "best.json").read_text())
+    state = json.loads((checkpoints / "phase2_backup" / "state.json").read_text())
+    if "best_weights" in damage:
+        _truncate(checkpoints / best["weights"])
+    if "best_record" in damage:
+        (checkpoints / "best.json").write_text('{"monitor": "val_loss", "be')
+    if "backup_weights" in damage:
+        _truncate(checkpoints / "phase2_backup" / state["weights"])
+    if "backup_record" in damage:
+        (checkpoints / "phase2_backup" / "state.json").write_text("")
+    result = run(argv)
+    assert "the best checkpoint" in result.stdout and "is damaged" in result.stdout
+    assert "phase 2's backup" in result.stdout and "phase 2 starts again" in result.stdout
+    assert "continuing phase 2" not in result.stdout
+    assert_finished_cleanly(run_dir, result)
+
+
+def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_backup(interrupted, tmp_path):
+    argv, run_dir = copy_of(interrupted, tmp_path)
+    backup = run_dir / "checkpoints" / "phase2_backup"
+    before = {p.name: p.read_bytes() for p in backup.iterdir()}
+    limit = 2 * 1024 * 1024  # below one backup file, above every small file of the run
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = run(argv, preexec_fn=limited)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "file-size limit" in result.stderr and "run the same command again" in result.stderr
+    # The good backup is untouched, so the same command without the limit continues from it (as the kill test shows).
+    assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
+
+
+# Settings and untrusted files: refused before any work, in one line, never a traceback.
+
+
+def test_a_bad_operating_point_is_refused_before_training_starts(tmp_path, capsys):
+    from classifier.train import main
+
+    images = write_separable_folder(tmp_path / "images", per_class=4, size=32)
+    argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / "runs"), *TINY]
+    assert main([*argv, "--set", "train.operating_point=bogus"]) == 2
+    assert "train.operating_point" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no run folder: nothing started, nothing for the next run to trip on
+
+
+def test_a_config_yaml_with_a_python_tag_is_named_not_executed(tmp_path, capsys):
+    from test_predict import colour_model, write_image
+
+    from classifier.predict import main
+
+    model = colour_model(tmp_path / "run", ["red", "green", "blue"])
+    planted = tmp_path / "planted"
+    (tmp_path / "run" / "config.yaml").write_text(
+        f"data: !!python/object/apply:os.makedirs ['{planted}']\n"  # what an attacker would ship with a model
+    )
+    image = write_image(tmp_path / "red.png", (200, 10, 10))
+    assert main(["--model", str(model), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "not valid settings YAML" in err and "Traceback" not in err
+    assert not planted.exists()
+
+
+@pytest.mark.parametrize("flag", ["--min-agreement-float32", "--max-accuracy-drop", "--max-diff-float32"])
+def test_export_thresholds_outside_0_to_1_are_refused(tmp_path, capsys, flag):
+    from classifier.export import main
+
+    assert main(["--run-dir", str(tmp_path), flag, "5"]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "outside 0..1" in err
+
+
+def test_ctrl_c_in_predict_does_not_talk_about_epochs(tmp_path, capsys, monkeypatch):
+    from test_predict import colour_model, write_image
+
+    from classifier import predict
+
+    model = colour_model(tmp_path / "run", ["red", "green", "blue"])
+    image = write_image(tmp_path / "red.png", (200, 10, 10))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_files", interrupted)
+    assert predict.main(["--model", str(model), str(image)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "epoch" not in err
