@@ -136,6 +136,20 @@ def test_twelve_bit_window_from_the_file_and_monochrome1_inverted(tmp_path):
     assert grey(data.load_image(mono1))[-1, -1] == 0 and grey(data.load_image(mono2))[-1, -1] == 255
 
 
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_pixel_data_decodes_to_the_same_pixels(tmp_path, syntax):
+    stored = (np.arange(32 * 32).reshape(32, 32) * 37 % 4096).astype(np.uint16)
+    plain = write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    dataset = pydicom.dcmread(plain)
+    dataset.compress(getattr(pydicom.uid, syntax))  # pydicom's RLE encoder, pylibjpeg-openjpeg's JPEG 2000
+    dataset.save_as(tmp_path / "compressed.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "compressed.dcm").file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(data.load_image(tmp_path / "compressed.dcm"), data.load_image(plain))
+    np.testing.assert_allclose(
+        grey(data.load_image(plain)), dicom_linear_window(stored.astype(float), 2048, 4096), atol=1
+    )
+
+
 def test_a_configured_window_overrides_the_files_window(tmp_path):
     stored = np.linspace(0, 4095, 32 * 32).astype(np.uint16).reshape(32, 32)
     path = write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, WindowCenter=1500, WindowWidth=1001)
