@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -16,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from classifier.budget import parse_duration
+from classifier.dicom import parse_window
 from classifier.errors import UserError
 from classifier.operating_point import parse_method
 
@@ -40,6 +42,15 @@ class DataConfig:
         batch_size: Images per replica per step; the global batch is this times the number of replicas.
         positive_class: Two-class tasks: the class a positive result means (the finding: `pneumonia`,
             `defective`); null takes the second class name.
+        dicom_window: How DICOM grey values become 8-bit pixels: `auto` (the file's own VOI LUT or window, else
+            the 0.5-99.5 percentile range of the image), a CT preset in Hounsfield units (`lung` -600/1500,
+            `mediastinum` 50/350, `bone` 400/1800, `brain` 40/80) or `C,W` (centre, width). Training, evaluation,
+            prediction and int8 calibration all read it from the run.
+        dicom_frames: Multi-frame DICOM files (cine loops, tomosynthesis): `first` frame only, or `all` frames,
+            each its own sample (the frames of one file always stay in one subset).
+        group_by: Keeps every image of a group in one subset: `none`, `dicom_patient` (PatientID) or
+            `filename_regex:PATTERN` (the first capture group, else the whole match, of PATTERN searched in the
+            path relative to the data folder). Images of one patient in both train and test inflate every metric.
     """
 
     data_dir: str | None = None
@@ -53,6 +64,9 @@ class DataConfig:
     disk_cache: bool = True
     batch_size: int = 32
     positive_class: str | None = None
+    dicom_window: str = "auto"
+    dicom_frames: str = "first"
+    group_by: str = "none"
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,7 @@ MONITORS = ("val_loss", "val_accuracy", "val_auc")
 
 CHOICES = {
     ("data", "resize_mode"): ("stretch", "crop"),
+    ("data", "dicom_frames"): ("first", "all"),
     ("train", "class_weights"): ("auto", "on", "off"),
     ("augment", "preset"): ("none", "light", "medium", "heavy", "medical", "inspection"),
     ("runtime", "mixed_precision"): ("auto", "on", "off"),
@@ -285,6 +300,8 @@ def validate(config: Config) -> None:
         raise UserError(f"batch_size is {data.batch_size}: use a positive number such as 32.")
     if data.data_dir and data.dataset:
         raise UserError("both --data-dir and --dataset were given: pass only one of them.")
+    parse_window(data.dicom_window)
+    parse_group_by(data.group_by)
     if train.head_epochs < 0 or train.finetune_epochs < 0 or train.head_epochs + train.finetune_epochs == 0:
         raise UserError(
             f"head_epochs={train.head_epochs}, finetune_epochs={train.finetune_epochs}: "
@@ -307,6 +324,36 @@ def validate(config: Config) -> None:
         parse_method(train.operating_point)
     except UserError as error:
         raise UserError(f"train.operating_point: {error}") from None
+
+
+GROUP_BY_CHOICES = ("none", "dicom_patient", "filename_regex:PATTERN")
+
+
+def parse_group_by(setting: str) -> tuple[str, re.Pattern | None]:
+    """The kind and compiled pattern of a `data.group_by` setting.
+
+    Returns:
+        ("none", None), ("dicom_patient", None) or ("filename_regex", the compiled PATTERN).
+
+    Raises:
+        UserError: another value, an empty pattern, or a pattern that is not a valid regular expression.
+    """
+    kind, colon, pattern = str(setting).partition(":")
+    if kind in ("none", "dicom_patient") and not colon:
+        return kind, None
+    if kind != "filename_regex" or not colon:
+        raise UserError(
+            f"data.group_by is {setting!r}: choose one of {', '.join(GROUP_BY_CHOICES)} "
+            "(e.g. filename_regex:'(patient[0-9]+)' to group files whose paths share a patient number)."
+        )
+    if not pattern:
+        raise UserError("data.group_by is 'filename_regex:' with no pattern: add one, e.g. filename_regex:'^[^_]+'.")
+    try:
+        return kind, re.compile(pattern)
+    except re.error as error:
+        raise UserError(
+            f"data.group_by pattern {pattern!r} is not a valid regular expression ({error}): fix the pattern."
+        ) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:

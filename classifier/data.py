@@ -8,26 +8,41 @@ Layouts (decided by `scan_folder`):
 
 Every image file is opened and fully decoded once during the scan; empty, truncated and undecodable files are
 listed in `split.json` under "skipped" with the reason and never stop a run. Hidden files and folders (names
-starting with ".") and files whose suffix is not in `IMAGE_EXTENSIONS` are ignored.
+starting with ".") and files whose suffix is not in `IMAGE_EXTENSIONS` or `dicom.EXTENSIONS` are ignored, except
+DICOM files without a suffix (or with a numeric one, as PACS exports name them), which are known by their bytes.
 
-Pixels: every mode becomes 3-channel RGB uint8 (`load_image`). Alpha is dropped, not composited: the stored colour
-is kept, as `tf.io.decode_image(channels=3)` and Keras' folder loaders do. 16-bit grayscale is scaled by 255/65535
-(rounded); 16-bit RGB PNGs are reduced by Pillow (high byte). EXIF orientation is applied, so images are used the way
-every viewer shows them. Animated GIFs and multi-page TIFFs contribute their first frame.
+Pixels: every file becomes 3-channel RGB uint8 through one function, `load_image`, which the scan, the training
+pipeline, evaluate, predict and the int8 calibration of export all call, so a model is served the pixels it was
+trained on. Alpha is dropped, not composited: the stored colour is kept, as `tf.io.decode_image(channels=3)` and
+Keras' folder loaders do. 16-bit grayscale PNGs are scaled by 255/65535 (rounded); 16-bit RGB PNGs are reduced by
+Pillow (high byte). 16-bit, 32-bit and float grayscale TIFFs (microscopes, inspection cameras) are scaled from the
+image's own minimum..maximum to 0..255, so a 12-bit image is not left nearly black and nothing is clipped (a flat
+image becomes black). EXIF orientation is applied, so images are used the way every viewer shows them. Animated
+GIFs and multi-page TIFFs contribute their first frame. DICOM files are windowed as `classifier.dicom` describes
+(`Decoding` holds the settings); with `dicom_frames: all` every frame of a multi-frame file is a sample of its own,
+named `<file>#frame=N` (N from 1) in the split, and the frames of one file always stay in one subset.
+
+Grouped splits (`group_by`): all images of one patient (DICOM PatientID) or of one file-name group stay in one
+subset. Group keys are hashed (sha256, 16 hex digits) as soon as they are read; only the hashes reach `split.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +50,8 @@ import tensorflow as tf
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from classifier import dicom
+from classifier.config import parse_group_by
 from classifier.errors import UserError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -57,6 +74,90 @@ IGNORED_FOLDERS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Informat
 MAX_PIXELS = 8192 * 8192
 _PROGRESS_MIN_FILES = 500  # smaller scans finish in a blink: a progress bar would only add noise
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+FRAME_CHOICES = ("first", "all")
+_FRAME_REF = re.compile(r"^(.*)#frame=([1-9][0-9]*)$", re.DOTALL)
+# Part of the disk-cache key: bump it whenever `load_image` gives other pixels for the same file and settings.
+_DECODER_VERSION = 2  # 2: DICOM, TIFF scaled by its own range
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The settings that decide how a file's pixels are read (`data.dicom_window`, `data.dicom_frames`).
+
+    Every reader takes one, so the scan, training, evaluation, prediction and calibration read alike.
+
+    Attributes:
+        dicom_window: `auto`, a preset (`dicom.WINDOW_PRESETS`) or `C,W`; see `dicom.parse_window`.
+        dicom_frames: `first` (a multi-frame DICOM file is one sample, its first frame) or `all` (each frame
+            is a sample).
+    """
+
+    dicom_window: str = "auto"
+    dicom_frames: str = "first"
+
+    def __post_init__(self):
+        dicom.parse_window(self.dicom_window)  # fails early, with the accepted values
+        if self.dicom_frames not in FRAME_CHOICES:
+            raise UserError(f"data.dicom_frames is {self.dicom_frames!r}: choose one of {', '.join(FRAME_CHOICES)}.")
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        """(centre, width) of a configured window, or None for `auto`."""
+        return dicom.parse_window(self.dicom_window)
+
+    @property
+    def cache_key(self) -> str:
+        """What the pixels depend on besides the file, for cache names."""
+        return f"decoder{_DECODER_VERSION}:window={self.dicom_window}"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> Decoding:
+        """From a config's data section (a `DataConfig` or the `data:` mapping of a run's config.yaml)."""
+        values = settings if isinstance(settings, Mapping) else dataclasses.asdict(settings)
+        return cls(
+            dicom_window=str(values.get("dicom_window") or "auto"),
+            dicom_frames=str(values.get("dicom_frames") or "first"),
+        )
+
+
+def run_decoding(run_dir: str | os.PathLike | None) -> Decoding:
+    """The decoding settings a run trained with (its config.yaml), or the defaults when there is no run."""
+    config_path = Path(run_dir) / "config.yaml" if run_dir is not None else None
+    if config_path is None or not config_path.is_file():
+        return Decoding()
+    import yaml
+
+    content = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    return Decoding.from_settings(content.get("data") or {})
+
+
+def frame_ref(path: str, frame: int) -> str:
+    """The name of one frame (0-based `frame`) of a multi-frame file in splits and reports: `<path>#frame=N`, N
+    from 1 as DICOM numbers frames."""
+    return f"{path}#frame={frame + 1}"
+
+
+def split_frame_ref(path: str) -> tuple[str, int | None]:
+    """(file, 0-based frame or None) of a path that may be a `frame_ref`."""
+    match = _FRAME_REF.match(path)
+    return (match.group(1), int(match.group(2)) - 1) if match else (path, None)
+
+
+def frame_refs(path: str, decoding: Decoding) -> list[str]:
+    """The samples of one file: the file, or with `dicom_frames: all` a `frame_ref` per frame of a multi-frame DICOM
+    file (a file that cannot be read stays whole, so that its reader reports why)."""
+    if decoding.dicom_frames != "all" or not dicom.is_dicom(path):
+        return [path]
+    try:
+        count = dicom.frame_count(path)
+    except dicom.DicomError:
+        return [path]
+    return [frame_ref(path, frame) for frame in range(count)] if count > 1 else [path]
+
+
+def group_hash(kind: str, key: str) -> str:
+    """The only form in which a group key (a patient ID, a part of a file name) is kept or written."""
+    return hashlib.sha256(f"{kind}\0{key}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -73,6 +174,9 @@ class Split:
         seed: Seed of the split.
         fractions: {"val": 0.15, "test": 0.15}; for the pre-split layout {"presplit": True} plus the fraction of
             any subset that was split off `train/` because its folder was missing.
+        group_by: The `data.group_by` setting the split was made with.
+        groups: With a group_by: {subset: sorted hashes of the groups in it} (`group_hash`), so anyone can check
+            that no group is in two subsets; empty without one.
     """
 
     root: str
@@ -83,6 +187,8 @@ class Split:
     skipped: list[dict]
     seed: int
     fractions: dict
+    group_by: str = "none"
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
     def subset(self, name: str) -> list[tuple[str, int]]:
         """The (relative path, label) pairs of subset `name` ("train", "val" or "test")."""
@@ -96,6 +202,9 @@ class Split:
         for name in SUBSETS:
             content[name] = [[path, label] for path, label in self.subset(name)]
         content["skipped"] = self.skipped
+        content["group_by"] = self.group_by
+        if self.groups:
+            content["groups"] = self.groups
         return content
 
 
@@ -110,6 +219,9 @@ class ScanResult:
             present ({"train": [...], "val": [...], "test": [...]}) for the pre-split layout.
         skipped: {"path", "reason"} of every file that looked like an image but cannot be used.
         folders: For the pre-split layout, the folder name of each subset present ({"val": "validation", ...}).
+        group_by: The `data.group_by` setting of the scan.
+        groups: {relative file path: `group_hash`} of the files a group_by put in a group (a DICOM file without
+            PatientID, or a path the pattern does not match, is in no group: it is a group of its own).
     """
 
     root: str
@@ -117,6 +229,8 @@ class ScanResult:
     images: dict[str, list[tuple[str, int]]]
     skipped: list[dict]
     folders: dict[str, str]
+    group_by: str = "none"
+    groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def presplit(self) -> bool:
@@ -124,21 +238,28 @@ class ScanResult:
         return "all" not in self.images
 
 
-def load_image(path: str | os.PathLike | bytes) -> np.ndarray:
-    """Reads an image file as RGB pixels, whatever its format and mode.
+def load_image(path: str | os.PathLike | bytes, decoding: Decoding | None = None) -> np.ndarray:
+    """Reads an image file as RGB pixels, whatever its format and mode: the one reader of every pipeline.
 
     Args:
-        path: The image file.
+        path: The image file, or one frame of a multi-frame DICOM file (`frame_ref`).
+        decoding: DICOM window settings; None takes the defaults.
 
     Returns:
         uint8 array of shape (height, width, 3).
 
     Raises:
         OSError: the file is missing, empty, truncated or not an image (`PIL.UnidentifiedImageError` is one).
-        ValueError: Pillow cannot convert the file's colour mode to RGB.
+        ValueError: Pillow cannot convert the file's colour mode to RGB, or the file is too large;
+            `dicom.DicomError` (a ValueError) for a DICOM file that cannot be used, with the reason.
     """
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
+    path = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    path, frame = split_frame_ref(path)
+    if dicom.is_dicom(path):
+        window = (decoding or Decoding()).window
+        return dicom.read(path, window=window, frame=frame or 0, max_pixels=MAX_PIXELS)
+    if frame is not None:
+        raise ValueError(f"'{path}' is not a DICOM file, so it has no frame {frame + 1}")
     with Image.open(path) as image:
         if image.width * image.height > MAX_PIXELS:
             raise ValueError(
@@ -146,12 +267,22 @@ def load_image(path: str | os.PathLike | bytes) -> np.ndarray:
                 f"is over the {MAX_PIXELS / 1e6:.0f} MP that is decoded; downscale the file"
             )
         image.load()  # the full decode: a truncated file fails here, not halfway through training
+        tiff = image.format == "TIFF"
         ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image)
+        return _to_rgb(image, own_range=tiff)
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Pillow image of any mode -> (H, W, 3) uint8."""
+def _to_rgb(image: Image.Image, own_range: bool = False) -> np.ndarray:
+    """Pillow image of any mode -> (H, W, 3) uint8; `own_range` scales deep grey from the image's min..max."""
+    if own_range and (image.mode in _SIXTEEN_BIT_MODES or image.mode == "F"):
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        scaled = np.zeros_like(values)  # a flat image is black
+        if high > low:
+            scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / (high - low))
+        gray = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
     if image.mode in _SIXTEEN_BIT_MODES:
         # Pillow's own convert() clips 16-bit values at 255 (a white image for most X-rays): scale instead.
         gray = np.rint(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
@@ -168,44 +299,71 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def check_image(path: str | os.PathLike) -> str | None:
+@dataclass(frozen=True)
+class _Checked:
+    """What the scan learns from reading one file: why it cannot be used, or its frames and patient ID."""
+
+    reason: str | None
+    frames: int = 1
+    patient_id: str | None = None
+
+
+def check_image(path: str | os.PathLike, decoding: Decoding | None = None) -> str | None:
     """Validates one file the way training will read it.
 
     Args:
         path: The file.
+        decoding: As in `load_image`.
 
     Returns:
         None when `load_image` reads it, else the reason it cannot be used, e.g. "empty file (0 bytes)",
         "not an image: cannot identify image file" or "truncated or corrupt image: <Pillow's message>".
     """
+    return _check(path, decoding or Decoding()).reason
+
+
+def _check(path: str | os.PathLike, decoding: Decoding) -> _Checked:
+    """`check_image`, plus the frame count and patient ID of a DICOM file."""
     try:
         if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        load_image(path)
+            return _Checked("empty file (0 bytes)")
+        if dicom.is_dicom(path):
+            info = dicom.inspect(
+                path, window=decoding.window, all_frames=decoding.dicom_frames == "all", max_pixels=MAX_PIXELS
+            )
+            return _Checked(None, info.frames, info.patient_id)
+        load_image(path, decoding)
+    except dicom.DicomError as error:
+        return _Checked(str(error))
     except UnidentifiedImageError:
-        return "not an image: cannot identify image file"
+        return _Checked("not an image: cannot identify image file")
     except Image.DecompressionBombError as error:
-        return f"too large to decode safely: {error}"
+        return _Checked(f"too large to decode safely: {error}")
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's plugins raise all of these
         if str(error).startswith("too large:"):
-            return str(error)
-        return f"truncated or corrupt image: {error}"
-    return None
+            return _Checked(str(error))
+        return _Checked(f"truncated or corrupt image: {error}")
+    return _Checked(None)
 
 
-def scan_folder(data_dir: str | os.PathLike) -> ScanResult:
+def scan_folder(data_dir: str | os.PathLike, decoding: Decoding | None = None, group_by: str = "none") -> ScanResult:
     """Finds the classes and validates every image file of a data folder.
 
     Args:
         data_dir: Folder with one subfolder per class, or with `train/` plus `val/` and/or `test/`.
+        decoding: How files are read (DICOM window and frames); None takes the defaults.
+        group_by: `none`, `dicom_patient` or `filename_regex:PATTERN` (`config.parse_group_by`).
 
     Returns:
-        The classes, the usable images and the skipped files with reasons.
+        The classes, the usable images (with `dicom_frames: all`, one `frame_ref` per frame of a multi-frame
+        file) and the skipped files with reasons; with a group_by, the hashed group of each grouped file.
 
     Raises:
-        UserError: the folder is missing or empty, has a single class, or a class has fewer than
-            `MIN_IMAGES_PER_CLASS` usable images.
+        UserError: the folder is missing or empty, has a single class, a class has fewer than
+            `MIN_IMAGES_PER_CLASS` usable images, or a group_by pattern matches no file.
     """
+    decoding = decoding or Decoding()
+    group_kind, pattern = parse_group_by(group_by)
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(data_dir))))
     if not root.exists():
         raise UserError(
@@ -276,26 +434,72 @@ def scan_folder(data_dir: str | os.PathLike) -> ScanResult:
     total = sum(len(files) for files in candidates.values())
     if total == 0:
         raise UserError(
-            f"no image files in the class folders of '{root}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}): "
-            "put the images into one subfolder per class"
+            f"no image files in the class folders of '{root}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+            f"{', '.join(sorted(dicom.EXTENSIONS))} and DICOM files without a suffix): put the images into one "
+            "subfolder per class"
         )
 
-    reasons = _check_all([root / rel for files in candidates.values() for rel, _ in files])
+    checks = _check_all([root / rel for files in candidates.values() for rel, _ in files], decoding)
     label_of = {name: label for label, name in enumerate(class_names)}
     images: dict[str, list[tuple[str, int]]] = {}
+    groups: dict[str, str] = {}
     position = 0
     for subset, files in candidates.items():
         images[subset] = []
         for rel, name in files:
-            reason = reasons[position]
+            checked = checks[position]
             position += 1
-            if reason is None:
-                images[subset].append((rel, label_of[name]))
+            if checked.reason is not None:
+                skipped.append({"path": rel, "reason": checked.reason})
+                continue
+            if decoding.dicom_frames == "all" and checked.frames > 1:
+                images[subset] += [(frame_ref(rel, frame), label_of[name]) for frame in range(checked.frames)]
             else:
-                skipped.append({"path": rel, "reason": reason})
+                images[subset].append((rel, label_of[name]))
+            key = _group_key(group_kind, pattern, rel, checked.patient_id)
+            if key is not None:
+                groups[rel] = group_hash(group_kind, key)  # the raw key (a patient ID) is not kept
     skipped.sort(key=lambda entry: entry["path"])
     _check_class_counts(root, class_names, images, candidates, skipped)
-    return ScanResult(root=str(root), class_names=class_names, images=images, skipped=skipped, folders=subset_folders)
+    usable = {split_frame_ref(rel)[0] for files in images.values() for rel, _ in files}
+    _check_groups(group_by, group_kind, groups, len(usable))
+    return ScanResult(
+        root=str(root),
+        class_names=class_names,
+        images=images,
+        skipped=skipped,
+        folders=subset_folders,
+        group_by=group_by,
+        groups=groups,
+    )
+
+
+def _group_key(kind: str, pattern: re.Pattern | None, rel: str, patient_id: str | None) -> str | None:
+    """The group of one file before hashing: its patient ID, or the pattern's match in its path; None for none."""
+    if kind == "dicom_patient":
+        return patient_id
+    if kind == "filename_regex":
+        match = pattern.search(rel)
+        if match is None:
+            return None
+        return match.group(1) if pattern.groups and match.group(1) is not None else match.group(0)
+    return None
+
+
+def _check_groups(group_by: str, kind: str, groups: dict[str, str], usable: int) -> None:
+    """A pattern that matches no file is a mistake; files left out of any group (`usable` counts files, not
+    frames) are counted, not named."""
+    if kind == "none" or usable == 0:
+        return
+    if kind == "filename_regex" and not groups:
+        raise UserError(
+            f"data.group_by {group_by!r} matches none of the image paths (paths relative to the data folder, e.g. "
+            "'pneumonia/patient0042_view1.png'): fix the pattern, or use data.group_by=none"
+        )
+    alone = usable - len(groups)
+    if alone > 0:
+        what = "have no PatientID" if kind == "dicom_patient" else "do not match the pattern"
+        print(f"note: data.group_by {group_by}: {alone} usable file(s) {what}; each is a group of its own.")
 
 
 def _visible_subfolders(folder: Path) -> list[str]:
@@ -329,12 +533,16 @@ def _is_presplit(root: Path, folders: list[str]) -> bool:
     )
 
 
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the scan and predict take a file: not hidden, and an image suffix, or DICOM (`dicom.is_dicom`)."""
+    name = os.path.basename(os.fspath(path))
+    if name.startswith("."):
+        return False
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or dicom.is_dicom(path)
 
 
 def _image_files(root: Path, class_dirs: list[Path]) -> list[tuple[str, str]]:
-    """(path relative to root, class name) of every image-named, non-hidden file below each class folder."""
+    """(path relative to root, class name) of every image file (`is_image_file`) below each class folder."""
     found = []
     for class_dir in class_dirs:
         if not class_dir.is_dir():
@@ -342,7 +550,7 @@ def _image_files(root: Path, class_dirs: list[Path]) -> list[tuple[str, str]]:
         for folder, subfolders, files in os.walk(class_dir):
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
             for name in sorted(files):
-                if _is_image_name(name):
+                if is_image_file(Path(folder, name)):
                     found.append((Path(folder, name).relative_to(root).as_posix(), class_dir.name))
     return found
 
@@ -350,16 +558,16 @@ def _image_files(root: Path, class_dirs: list[Path]) -> list[tuple[str, str]]:
 def _note_stray_images(root: Path, folder: Path, skipped: list[dict]) -> None:
     """Images lying beside the class folders belong to no class: list them instead of ignoring them silently."""
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
-        if entry.is_file() and _is_image_name(entry.name):
+        if entry.is_file() and is_image_file(entry.path):
             rel = Path(entry.path).relative_to(root).as_posix()
             skipped.append({"path": rel, "reason": "not inside a class folder"})
 
 
-def _check_all(paths: list[Path]) -> list[str | None]:
-    """`check_image` over many files in threads (Pillow releases the GIL while decoding), in input order."""
+def _check_all(paths: list[Path], decoding: Decoding) -> list[_Checked]:
+    """`_check` over many files in threads (Pillow and the DICOM decoders release the GIL), in input order."""
     show = len(paths) >= _PROGRESS_MIN_FILES and sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
-        results = pool.map(check_image, paths)
+        results = pool.map(functools.partial(_check, decoding=decoding), paths)
         return list(tqdm(results, total=len(paths), desc="Checking images", unit="img", disable=not show))
 
 
@@ -395,6 +603,9 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
     `sklearn.model_selection.train_test_split` calls can drift by more than one image per class, and fail with
     messages about the whole test set rather than the class at fault.)
 
+    When images come in groups (a `group_by` put several images in one group, or the frames of a multi-frame
+    file), whole groups are split instead (`_split_groups`), so that no group is in two subsets.
+
     Args:
         scan: From `scan_folder`.
         val_fraction: Share of each class for validation, in (0, 1).
@@ -406,7 +617,7 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
 
     Raises:
         UserError: a class would get no validation image (or no test image while test_fraction > 0), or no
-            training image.
+            training image; too few groups for the fractions.
     """
     wanted = {"val": val_fraction, "test": test_fraction}
     if scan.presplit:
@@ -418,10 +629,16 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
         subsets = {name: [] for name in SUBSETS}
         carve, fractions, pool = dict(wanted), dict(wanted), scan.images["all"]
 
+    group_of = functools.partial(_group_of, scan.groups)
+    grouped = len({group_of(rel) for rel, _ in pool}) < len(pool)
     by_class: dict[int, list[str]] = {label: [] for label in range(len(scan.class_names))}
     for rel, label in pool:
         by_class[label].append(rel)
-    if carve:
+    if carve and grouped:
+        subsets["train"] = []
+        for subset, chosen in _split_groups(pool, group_of, carve, seed, scan.group_by).items():
+            subsets[subset].extend(chosen)
+    elif carve:
         subsets["train"] = []
         for label, paths in by_class.items():
             parts = _split_class(scan.class_names[label], sorted(paths), carve, seed)
@@ -434,7 +651,19 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
         required = subset == "train" or subset in scan.images or wanted[subset] > 0
         for label, name in enumerate(scan.class_names):
             if required and present[label] == 0:
-                raise UserError(_empty_subset_message(scan, name, subset, len(by_class[label]), wanted))
+                message = _empty_subset_message(scan, name, subset, len(by_class[label]), wanted)
+                if grouped and subset in carve:
+                    message = _empty_group_subset_message(scan, name, subset, pool, group_of, wanted)
+                raise UserError(message)
+    members = {name: {group_of(rel) for rel, _ in subsets[name]} for name in SUBSETS}
+    if scan.presplit:
+        pairs = (("train", "val"), ("train", "test"), ("val", "test"))
+        shared = set().union(*(members[one] & members[other] for one, other in pairs))
+        if shared:
+            print(
+                f"note: {len(shared)} group(s) (patients, name groups or multi-frame files) have images in more than "
+                "one of the given train/val/test folders; a split made here would keep each group in one subset"
+            )
     return Split(
         root=scan.root,
         class_names=list(scan.class_names),
@@ -444,6 +673,71 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
         skipped=list(scan.skipped),
         seed=seed,
         fractions=fractions,
+        group_by=scan.group_by,
+        groups={name: sorted(set(scan.groups.values()) & members[name]) for name in SUBSETS} if scan.groups else {},
+    )
+
+
+def _group_of(groups: dict[str, str], rel: str) -> str:
+    """The group of one sample: its file's hashed group, else the file itself (so frames of a file stay together)."""
+    file = split_frame_ref(rel)[0]
+    return groups.get(file) or f"file:{file}"
+
+
+def _split_groups(
+    pool: list[tuple[str, int]], group_of: Callable[[str], str], carve: dict, seed: int, group_by: str
+) -> dict[str, list[tuple[str, int]]]:
+    """Stratified group split: scikit-learn's `StratifiedGroupKFold`, one fold held out per subset.
+
+    Test is held out first as one of round(1 / test_fraction) folds, then val as one of the remaining images'
+    folds, so each subset gets the nearest 1/k share of the images (0.15 -> 1/7 of all, then 1/6 of the rest:
+    about 14 % each) with the class mix kept as far as whole groups allow.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    items = sorted(pool)
+    labels = np.array([label for _, label in items])
+    _, groups = np.unique([group_of(rel) for rel, _ in items], return_inverse=True)
+    remaining, left, parts = np.arange(len(items)), 1.0, {}
+    for subset in ("test", "val"):
+        if subset not in carve:
+            continue
+        parts[subset] = []
+        if carve[subset] <= 0:
+            continue
+        folds = max(2, round(left / carve[subset]))
+        available = len(np.unique(groups[remaining]))
+        if available < folds:
+            flag = "--val-fraction" if subset == "val" else "--test-fraction"
+            raise UserError(
+                f"the grouped split ({group_by}, frames of one file together) needs at least {folds} groups to hold "
+                f"out {carve[subset]} of the images for {subset}, and {available} are left: add images of more "
+                f"groups (patients), or raise {flag}"
+            )
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            # "The least populated class in y has only N members": checked per class after the split, with a
+            # message that names the class and the fix.
+            warnings.simplefilter("ignore", UserWarning)
+            _, held = next(splitter.split(np.zeros((len(remaining), 1)), labels[remaining], groups[remaining]))
+        parts[subset] = [items[i] for i in remaining[held]]
+        remaining = np.delete(remaining, held)
+        left -= carve[subset]
+    parts["train"] = [items[i] for i in remaining]
+    return parts
+
+
+def _empty_group_subset_message(
+    scan: ScanResult, name: str, subset: str, pool: list[tuple[str, int]], group_of: Callable, wanted: dict
+) -> str:
+    title = {"train": "training", "val": "validation", "test": "test"}[subset]
+    label = scan.class_names.index(name)
+    count = len({group_of(rel) for rel, image_label in pool if image_label == label})
+    fix = "lower --val-fraction / --test-fraction" if subset == "train" else f"raise --{subset}-fraction"
+    return (
+        f"class '{name}' has images of {count} group(s) ({scan.group_by}; the frames of a file are one group) and "
+        f"the grouped split, which keeps each group in one subset, gave it no {title} image: add images of more "
+        f"groups (patients) to this class, or {fix}"
     )
 
 
@@ -524,6 +818,8 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
             skipped=list(content.get("skipped", [])),
             seed=int(content["seed"]),
             fractions=dict(content["fractions"]),
+            group_by=str(content.get("group_by", "none")),
+            groups={name: list(hashes) for name, hashes in (content.get("groups") or {}).items()},
         )
     except FileNotFoundError:
         raise UserError(f"split file '{path}' does not exist: pass a run folder written by training") from None
@@ -548,6 +844,8 @@ def prepare_split(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 42,
+    decoding: Decoding | None = None,
+    group_by: str = "none",
 ) -> Split:
     """The run's split: reused from `run_dir/split.json` when it exists, else made by scanning and written there.
 
@@ -560,6 +858,8 @@ def prepare_split(
         val_fraction: Share of each class for validation.
         test_fraction: Share of each class for testing.
         seed: Seed of the split.
+        decoding: How files are read (see `scan_folder`).
+        group_by: Keep groups in one subset (see `scan_folder`).
 
     Returns:
         The split.
@@ -580,7 +880,8 @@ def prepare_split(
         return split
     if data_dir is None:
         raise UserError(f"run folder '{run_dir}' has no {SPLIT_FILE}: pass --data-dir to make a new split")
-    split = split_scan(scan_folder(data_dir), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    scan = scan_folder(data_dir, decoding, group_by)
+    split = split_scan(scan, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_split(split, manifest)
     return split
@@ -612,21 +913,24 @@ def resize_image(image: tf.Tensor | np.ndarray, image_size: int, resize_mode: st
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def load_and_resize(path: str | os.PathLike, image_size: int, resize_mode: str = "stretch") -> np.ndarray:
+def load_and_resize(
+    path: str | os.PathLike, image_size: int, resize_mode: str = "stretch", decoding: Decoding | None = None
+) -> np.ndarray:
     """`load_image` then `resize_image`: the pixels `make_dataset` feeds the model for one file.
 
     Args:
-        path: The image file.
+        path: The image file (or a `frame_ref`).
         image_size: Side of the output square.
         resize_mode: "stretch" or "crop".
+        decoding: As in `load_image`.
 
     Returns:
         uint8 array (image_size, image_size, 3).
     """
-    return resize_image(load_image(path), image_size, resize_mode).numpy()
+    return resize_image(load_image(path, decoding), image_size, resize_mode).numpy()
 
 
-def _decode(path: tf.Tensor) -> tf.Tensor:
+def _decode(path: tf.Tensor, decoding: Decoding) -> tf.Tensor:
     """Pillow decode inside the graph: the same pixels as `load_image` for every format and mode.
 
     tf.io.decode_image is faster on small JPEGs (bench/data_throughput.py: about 1.5x, and on par for ELPV's PNGs)
@@ -634,7 +938,7 @@ def _decode(path: tf.Tensor) -> tf.Tensor:
     ordinary JPEG, it takes the high byte of 16-bit PNGs (off by one on a quarter of the values), ignores EXIF
     orientation and cannot read TIFF. Resized images are cached after the first epoch, so decoding is paid once.
     """
-    image = tf.numpy_function(load_image, [path], tf.uint8, stateful=False)
+    image = tf.numpy_function(functools.partial(load_image, decoding=decoding), [path], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
 
@@ -650,6 +954,7 @@ def make_dataset(
     cache_budget_mb: int = 1024,
     seed: int = 42,
     disk_cache: str | os.PathLike | None = None,
+    decoding: Decoding | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline over one subset of the split.
 
@@ -668,6 +973,7 @@ def make_dataset(
         cache_budget_mb: Memory allowed for the decoded images.
         seed: Shuffle seed.
         disk_cache: Root of the disk cache for images that do not fit in memory; None decodes every epoch.
+        decoding: How files are read (`load_image`); None takes the defaults.
 
     Returns:
         Dataset of (images float32 [B, S, S, 3] in 0..255, labels int32 [B]); empty when the subset is.
@@ -678,6 +984,7 @@ def make_dataset(
     """
     if resize_mode not in RESIZE_MODES:
         raise UserError(f"resize mode '{resize_mode}' is unknown: use one of {', '.join(RESIZE_MODES)}")
+    decoding = decoding or Decoding()
     items = split.subset(subset)
     root = Path(split.root)
     _check_present(split, root, items)
@@ -690,7 +997,7 @@ def make_dataset(
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)  # file names: cheap to hold
 
     def decode_resize(path, label):
-        return resize_image(_decode(path), image_size, resize_mode), label
+        return resize_image(_decode(path, decoding), image_size, resize_mode), label
 
     dataset = dataset.map(decode_resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache:
@@ -698,7 +1005,7 @@ def make_dataset(
         if training:
             dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     elif disk_cache is not None and items:
-        folder = disk_cache_folder(disk_cache, root, items, image_size, resize_mode)
+        folder = disk_cache_folder(disk_cache, root, items, image_size, resize_mode, decoding)
         dataset = _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
@@ -706,18 +1013,22 @@ def make_dataset(
 
 
 def disk_cache_folder(
-    cache_root: str | os.PathLike, root: Path, items: list[tuple[str, int]], image_size: int, resize_mode: str
+    cache_root: str | os.PathLike,
+    root: Path,
+    items: list[tuple[str, int]],
+    image_size: int,
+    resize_mode: str,
+    decoding: Decoding | None = None,
 ) -> Path:
     """The disk cache of one list of images at one size: named by a hash of what its pixels depend on.
 
-    The key covers the images (path, size in bytes, modification time, label) in order, the size and the resize
-    mode, so a changed file or another split gets a cache of its own and a stale one is never read.
+    The key covers the images (path, size in bytes, modification time, label) in order, the size, the resize
+    mode and the decoding (`Decoding.cache_key`), so a changed file, another split or another window gets a cache
+    of its own and a stale one is never read.
     """
-    import hashlib
-
-    digest = hashlib.sha256(f"{image_size}:{resize_mode}".encode())
+    digest = hashlib.sha256(f"{image_size}:{resize_mode}:{(decoding or Decoding()).cache_key}".encode())
     for rel, label in items:
-        stat = (root / rel).stat()
+        stat = (root / split_frame_ref(rel)[0]).stat()
         digest.update(f"\0{root / rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}".encode())
     return Path(cache_root) / f"{len(items)}x{image_size}-{digest.hexdigest()[:20]}"
 
@@ -768,7 +1079,7 @@ def _check_present(split: Split, root: Path, items: list[tuple[str, int]]) -> No
         raise UserError(
             f"data folder '{root}' recorded in the split no longer exists: pass --data-dir with its new location"
         )
-    missing = [rel for rel, _ in items if not (root / rel).is_file()]
+    missing = [rel for rel, _ in items if not (root / split_frame_ref(rel)[0]).is_file()]
     if missing:
         raise UserError(
             f"{len(missing)} image(s) of the split are missing under '{root}' (e.g. '{missing[0]}'): the data folder "

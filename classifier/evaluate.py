@@ -1,8 +1,9 @@
 """`classifier evaluate`: how good a model is, in numbers and figures a clinician or a quality engineer can read.
 
 One implementation for every model kind (model.keras, an exported SavedModel folder, any .tflite), through
-`classifier.inference`, on the same pixels as training (`data.load_and_resize` with the run's resize mode). The
-images are a run's held-out TEST split (`--run-dir`) or a folder with one subfolder per class (`--data-dir`).
+`classifier.inference`, on the same pixels as training (`data.load_and_resize` with the run's resize mode and DICOM
+window). The images are a run's held-out TEST split (`--run-dir`) or a folder with one subfolder per class
+(`--data-dir`; DICOM files included).
 
 Writes into the output folder (default `RUN/evaluation/<model>`, e.g. `evaluation/keras` or
 `evaluation/model_int8`): `evaluation.json` (keys in `JSON_KEYS`), `predictions.csv` (one row per image: true
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
@@ -28,7 +30,14 @@ import numpy as np
 from classifier import operating_point as op_lib
 from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
-from classifier.predict import find_run_dir, open_model, predict_files, run_resize_mode
+from classifier.predict import (
+    add_dicom_arguments,
+    find_run_dir,
+    open_model,
+    predict_files,
+    run_decoding_with,
+    run_resize_mode,
+)
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "evaluation.json"
@@ -64,7 +73,7 @@ JSON_KEYS = (
     "output_dir",  # folder holding the files below
     "files",  # {"report", "predictions", and each of FIGURES' keys: file name in output_dir}
 )
-MODEL_KEYS = ("path", "kind", "image_size", "resize_mode")
+MODEL_KEYS = ("path", "kind", "image_size", "resize_mode", "decoding")  # decoding: {dicom_window, dicom_frames}
 DATA_KEYS = ("source", "run_dir", "data_dir", "subset", "skipped")  # skipped: [{"path", "reason"}]
 BINARY_KEYS = ("positive_class", "positive_index", "default", "operating_point")  # the last two: THRESHOLD_KEYS/None
 THRESHOLD_KEYS = (
@@ -88,11 +97,13 @@ def _model_name(model: Path, kind: str) -> str:
     return model.stem if kind == "tflite" else kind
 
 
-def _images_from_folder(data_dir: str, subset: str | None) -> tuple[str, list[tuple[str, int]], list[str], list]:
+def _images_from_folder(
+    data_dir: str, subset: str | None, decoding
+) -> tuple[str, list[tuple[str, int]], list[str], list]:
     """(root, [(relative path, label)], class names, skipped) of a class-folder or pre-split data folder."""
     from classifier import data
 
-    scan = data.scan_folder(data_dir)
+    scan = data.scan_folder(data_dir, decoding)
     if scan.presplit:
         wanted = subset or ("test" if "test" in scan.images else "val")
         if wanted not in scan.images:
@@ -153,6 +164,7 @@ def choose_threshold(
     resize_mode: str = "stretch",
     batch_size: int = 32,
     destination: Path | None = None,
+    decoding=None,
 ) -> dict:
     """(Re)computes the operating point of a two-class model on its run's VALIDATION split and stores it.
 
@@ -165,6 +177,7 @@ def choose_threshold(
         batch_size: Images per model call.
         destination: Folder for operating_point.json; default the model's folder (the run folder for
             model.keras, export/ for exported files, so each file keeps the threshold measured on it).
+        decoding: A `data.Decoding`, as in training; default the run's.
 
     Returns:
         The stored operating point, with "path".
@@ -179,7 +192,12 @@ def choose_threshold(
     op_lib.resolve_positive_class(split.class_names, positive_class)  # fail before predicting on a bad name
     paths = [str(Path(split.root) / rel) for rel, _ in split.val]
     probabilities, errors = predict_files(
-        predictor, paths, resize_mode=resize_mode, batch_size=batch_size, description="validation"
+        predictor,
+        paths,
+        resize_mode=resize_mode,
+        batch_size=batch_size,
+        description="validation",
+        decoding=decoding or data.run_decoding(run_dir),
     )
     if errors:
         first = next(iter(errors.items()))
@@ -215,6 +233,8 @@ def evaluate(
     threads: int | None = None,
     resize_mode: str | None = None,
     n_bins: int = 10,
+    dicom_window: str | None = None,
+    dicom_frames: str | None = None,
 ) -> dict:
     """Evaluates a model on a run's test split or on a folder of labelled images; writes the report and figures.
 
@@ -232,6 +252,8 @@ def evaluate(
         threads: CPU threads (see `predict.open_model`).
         resize_mode: Override the run's data.resize_mode ("stretch" when there is no run).
         n_bins: Bins of the ECE and the reliability diagram.
+        dicom_window: Override the run's data.dicom_window ("auto" when there is no run).
+        dicom_frames: Override the run's data.dicom_frames ("first" when there is no run); used with --data-dir.
 
     Returns:
         The report written to evaluation.json (keys: `JSON_KEYS`).
@@ -260,6 +282,7 @@ def evaluate(
     model = Path(model)
     settings_run = run_dir or find_run_dir(model)
     resize_mode = resize_mode or run_resize_mode(settings_run) or "stretch"
+    decoding = run_decoding_with(settings_run, dicom_window, dicom_frames)
     predictor = open_model(model, threads)
     trained_size = _run_image_size(settings_run)
     if trained_size is not None and trained_size != predictor.image_size:
@@ -270,7 +293,7 @@ def evaluate(
         )
 
     if data_dir is not None:
-        root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset)
+        root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset, decoding)
         class_names = predictor.labels or (
             data.read_split(settings_run / data.SPLIT_FILE).class_names
             if settings_run is not None and (settings_run / data.SPLIT_FILE).is_file()
@@ -314,6 +337,7 @@ def evaluate(
             positive_class=positive_class,
             resize_mode=resize_mode,
             batch_size=batch_size,
+            decoding=decoding,
         )
         print(
             f"Operating point ({point['method']}) on {point['count']} validation images: threshold "
@@ -340,6 +364,7 @@ def evaluate(
         batch_size=batch_size,
         description=f"evaluating {subset_name}",
         on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        decoding=decoding,
     )
     skipped = list(skipped) + [{"path": items[i][0], "reason": reason} for i, reason in sorted(errors.items())]
     keep = [i for i in range(len(items)) if i not in errors]
@@ -410,6 +435,7 @@ def evaluate(
         "files": {"report": REPORT_FILE, "predictions": PREDICTIONS_FILE, **FIGURES},
     }
     report["model"]["resize_mode"] = resize_mode
+    report["model"]["decoding"] = dataclasses.asdict(decoding)
     report = {key: report[key] for key in JSON_KEYS}
     temporary = output_dir / f".{REPORT_FILE}.partial"
     temporary.write_text(json.dumps(report, indent=2) + "\n")
@@ -530,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resize-mode", choices=("stretch", "crop"), default=None, help="default: the run's data.resize_mode"
     )
+    add_dicom_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     return parser
 
@@ -555,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             threads=args.threads,
             resize_mode=args.resize_mode,
+            dicom_window=args.dicom_window,
+            dicom_frames=args.dicom_frames,
         )
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0

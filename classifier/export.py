@@ -18,7 +18,10 @@
   and the input description MediaPipe needs (classifier/tflite_metadata.py), so the files run unchanged in
   MediaPipe Tasks ImageClassifier and report category names.
 - `export_report.json`: per format the size, parity with Keras on the held-out test split (top-1 agreement, max
-  absolute probability difference, accuracy and its drop) and the median LiteRT latency (batch 1).
+  absolute probability difference, accuracy and its drop) and the median LiteRT latency (batch 1); the input
+  contract (image size, resize mode, DICOM decoding settings).
+
+Calibration and parity images are read with the run's own settings (`data.run_decoding`), as training read them.
 
 The parity gate (DESIGN.md "a parity gate against the Keras model on held-out images that fails loudly"): every
 file is run through `classifier.inference` on the test split and compared with the Keras model. A format that
@@ -168,6 +171,7 @@ def export_run(
     split = data.read_split(split_path)
     labels = _read_labels(run_dir, split.class_names, num_classes)
     resize_mode = _resize_mode(run_dir)
+    decoding = data.run_decoding(run_dir)  # DICOM window: calibration and parity read pixels as training did
     subset = "test" if split.test else "val"
     if not getattr(split, subset):
         raise UserError(
@@ -192,7 +196,7 @@ def export_run(
             files["saved_model"] = _export_saved_model(model, image_size, out_dir / _staged(SAVED_MODEL_DIR))
         calibration = _calibration_sample(split, calibration_images, seed) if "int8" in formats else None
         wanted_tflite = [f for f in formats if f in TFLITE_FORMATS]
-        representative_dataset = _calibration_batches(data, calibration, image_size, resize_mode)
+        representative_dataset = _calibration_batches(data, calibration, image_size, resize_mode, decoding)
 
         def with_metadata(tflite: bytes, fmt: str) -> bytes:
             if not metadata:
@@ -213,7 +217,7 @@ def export_run(
                 _write_atomic(files[fmt], with_metadata(_convert(source, fmt, representative_dataset), fmt))
 
         dataset = data.make_dataset(
-            split, subset, image_size=image_size, batch_size=batch_size, resize_mode=resize_mode
+            split, subset, image_size=image_size, batch_size=batch_size, resize_mode=resize_mode, decoding=decoding
         )
         predictors = {fmt: inference.load_predictor(path, num_threads=num_threads) for fmt, path in files.items()}
         probs, keras_probs, y_true, signature_check = _run_all(model, predictors, dataset, batch_size)
@@ -261,6 +265,7 @@ def export_run(
         "num_classes": num_classes,
         "labels": labels,
         "resize_mode": resize_mode,
+        "decoding": dataclasses.asdict(decoding),
         "parity_subset": subset,
         "parity_images": len(y_true),
         "calibration_images": len(calibration.train) if calibration else None,
@@ -471,11 +476,13 @@ def _calibration_sample(split, count: int, seed: int):
     return dataclasses.replace(split, train=[split.train[i] for i in order])
 
 
-def _calibration_batches(data, sample, image_size: int, resize_mode: str):
+def _calibration_batches(data, sample, image_size: int, resize_mode: str, decoding):
     """Returns the converter's representative_dataset: real training images, one per step, 0..255 float32."""
 
     def batches() -> Iterator[list[np.ndarray]]:
-        dataset = data.make_dataset(sample, "train", image_size=image_size, batch_size=1, resize_mode=resize_mode)
+        dataset = data.make_dataset(
+            sample, "train", image_size=image_size, batch_size=1, resize_mode=resize_mode, decoding=decoding
+        )
         for index, (images, _) in enumerate(dataset):
             images = images.numpy()
             if index == 0:

@@ -1,8 +1,10 @@
 """`classifier predict --model M INPUT...`: class names and probabilities for image files, as CSV or JSON.
 
-Inputs are files, folders (searched recursively for image files) or glob patterns. Images are read exactly as in
-training (`data.load_and_resize` with the run's resize mode), in batches, with a progress bar on a terminal. A file
-that cannot be read is reported on stderr and as a row with its error, and never stops the run.
+Inputs are files, folders (searched recursively for image files, DICOM included) or glob patterns. Images are read
+exactly as in training (`data.load_and_resize` with the run's resize mode and DICOM window), in batches, with a
+progress bar on a terminal. With the run's `dicom_frames: all`, every frame of a multi-frame DICOM file gets its own
+row (`<file>#frame=N`). A file that cannot be read is reported on stderr and as a row with its error, and never stops
+the run.
 
 For a two-class model with an operating point (`operating_point.json` beside the model or in its run folder, see
 `classifier.operating_point`), the `label` column is the decision at that threshold; otherwise it is the most
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -49,6 +52,19 @@ def run_resize_mode(run_dir: str | os.PathLike | None) -> str | None:
     return run_setting(run_dir, "data", "resize_mode") or "stretch"
 
 
+def run_decoding_with(run_dir: str | os.PathLike | None, dicom_window: str | None, dicom_frames: str | None):
+    """The run's `data.Decoding` (defaults without a run), with the settings given on the command line replacing it.
+
+    Raises:
+        UserError: a window or frames value that is not accepted.
+    """
+    from classifier import data
+
+    decoding = data.run_decoding(run_dir)
+    changes = {"dicom_window": dicom_window, "dicom_frames": dicom_frames}
+    return dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
+
+
 def open_model(path: str | os.PathLike, threads: int | None = None):
     """Loads any model kind through `classifier.inference`, with `threads` CPU threads.
 
@@ -80,8 +96,9 @@ def open_model(path: str | os.PathLike, threads: int | None = None):
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     """Expands files, folders and glob patterns into a list of image files.
 
-    Folders are searched recursively for files with an image suffix (hidden files and folders skipped); a file
-    named explicitly is used whatever its suffix. Order: as given, folders and globs sorted.
+    Folders are searched recursively for image files (`data.is_image_file`: an image suffix, or DICOM; hidden files
+    and folders skipped); a file named explicitly is used whatever its suffix. Order: as given, folders and globs
+    sorted.
 
     Args:
         inputs: Paths or glob patterns.
@@ -89,7 +106,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     Returns:
         (files, problems): files without duplicates, and {"path", "error"} for inputs that match nothing.
     """
-    from classifier.data import IMAGE_EXTENSIONS
+    from classifier.data import is_image_file
 
     files: list[str] = []
     problems: list[dict] = []
@@ -99,9 +116,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
             for folder, subfolders, names in os.walk(item):
                 subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
                 found += [
-                    os.path.join(folder, name)
-                    for name in sorted(names)
-                    if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                    os.path.join(folder, name) for name in sorted(names) if is_image_file(os.path.join(folder, name))
                 ]
             if not found:
                 problems.append({"path": item, "error": "folder holds no image files"})
@@ -119,14 +134,14 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     return unique, problems
 
 
-def _read(path: str, image_size: int, resize_mode: str) -> tuple[np.ndarray | None, str | None]:
+def _read(path: str, image_size: int, resize_mode: str, decoding) -> tuple[np.ndarray | None, str | None]:
     """One file as model pixels, or the reason it cannot be read."""
-    from classifier.data import load_and_resize
+    from classifier.data import load_and_resize, split_frame_ref
 
     try:
-        if os.path.getsize(path) == 0:
+        if os.path.getsize(split_frame_ref(path)[0]) == 0:
             return None, "empty file (0 bytes)"
-        return load_and_resize(path, image_size, resize_mode), None
+        return load_and_resize(path, image_size, resize_mode, decoding), None
     except Exception as error:  # Pillow raises many types: any unreadable file is reported and skipped, not fatal
         return None, f"cannot read image: {type(error).__name__}: {error}"
 
@@ -139,16 +154,18 @@ def predict_files(
     batch_size: int = 32,
     description: str = "predicting",
     on_error: Callable[[str, str], None] | None = None,
+    decoding=None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Runs a model on image files in batches, as training reads them.
 
     Args:
         predictor: An `inference.Predictor`.
-        paths: Image files.
+        paths: Image files (or frames of DICOM files, `data.frame_ref`).
         resize_mode: "stretch" or "crop", as the model was trained.
         batch_size: Images per model call (and per read batch).
         description: Label of the progress bar (shown on stderr when it is a terminal).
         on_error: Called with (path, reason) for every unreadable file as it is found.
+        decoding: A `data.Decoding` (DICOM window), as the model was trained; None takes the defaults.
 
     Returns:
         (probabilities float32 [N, C] with NaN rows for unreadable files, {index: reason} of those files).
@@ -166,7 +183,7 @@ def predict_files(
     with ThreadPoolExecutor(_READ_WORKERS) as pool, progress:
         for start in range(0, len(paths), batch_size):
             chunk = list(range(start, min(start + batch_size, len(paths))))
-            results = pool.map(lambda i: _read(paths[i], predictor.image_size, resize_mode), chunk)
+            results = pool.map(lambda i: _read(paths[i], predictor.image_size, resize_mode, decoding), chunk)
             good, images = [], []
             for index, (image, error) in zip(chunk, results, strict=True):
                 if error is None:
@@ -295,6 +312,8 @@ def predict(
     resize_mode: str | None = None,
     threshold: float | None = None,
     use_operating_point: bool = True,
+    dicom_window: str | None = None,
+    dicom_frames: str | None = None,
 ) -> dict:
     """Classifies image files.
 
@@ -308,10 +327,12 @@ def predict(
             "stretch".
         threshold: Two-class models: call the positive (second) class at probability >= this.
         use_operating_point: Two-class models: use the stored operating point when there is one.
+        dicom_window: As `data.dicom_window`; default the run's setting, else "auto".
+        dicom_frames: As `data.dicom_frames` ("first" or "all"); default the run's setting, else "first".
 
     Returns:
-        {"model", "kind", "labels", "image_size", "resize_mode", "decision" (None or the threshold rule),
-        "count", "errors" (number of unreadable inputs), "predictions": `prediction_rows`}.
+        {"model", "kind", "labels", "image_size", "resize_mode", "decoding", "decision" (None or the threshold
+        rule), "count", "errors" (number of unreadable inputs), "predictions": `prediction_rows`}.
 
     Raises:
         UserError: no input, a bad option, or a model that cannot be loaded.
@@ -328,16 +349,22 @@ def predict(
             f"no image files found in {', '.join(map(repr, inputs))}: pass existing files, folders holding "
             "images, or quoted glob patterns such as 'scans/**/*.png'"
         )
+    from classifier import data
+
+    run_dir = find_run_dir(model)
+    decoding = run_decoding_with(run_dir, dicom_window, dicom_frames)
+    files = [ref for path in files for ref in data.frame_refs(path, decoding)]
     predictor = open_model(model, threads)
     labels = class_labels(predictor)
     rule = decision_rule(predictor, labels, threshold, use_operating_point)
-    resize_mode = resize_mode or run_resize_mode(find_run_dir(model)) or "stretch"
+    resize_mode = resize_mode or run_resize_mode(run_dir) or "stretch"
     probabilities, errors = predict_files(
         predictor,
         files,
         resize_mode=resize_mode,
         batch_size=batch_size,
         on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        decoding=decoding,
     )
     top_k = min(top_k, len(labels))
     rows = prediction_rows(files, probabilities, errors, labels, top_k, rule)
@@ -348,6 +375,7 @@ def predict(
         "labels": labels,
         "image_size": predictor.image_size,
         "resize_mode": resize_mode,
+        "decoding": dataclasses.asdict(decoding),
         "decision": rule,
         "top_k": top_k,
         "count": len(rows),
@@ -383,7 +411,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-operating-point", action="store_true", help="ignore operating_point.json: label = most probable class"
     )
+    add_dicom_arguments(parser)
     return parser
+
+
+def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dicom-window and --dicom-frames, shared by predict and evaluate."""
+    parser.add_argument(
+        "--dicom-window",
+        default=None,
+        metavar="WINDOW",
+        help="DICOM window: auto, lung, mediastinum, bone, brain or C,W, with = before a negative centre "
+        "(--dicom-window=-600,1500); default: the run's data.dicom_window",
+    )
+    parser.add_argument(
+        "--dicom-frames",
+        choices=("first", "all"),
+        default=None,
+        help="multi-frame DICOM: first frame, or every frame (default: the run's data.dicom_frames)",
+    )
 
 
 def _check_output(output: Path) -> None:
@@ -417,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             resize_mode=args.resize_mode,
             threshold=args.threshold,
             use_operating_point=not args.no_operating_point,
+            dicom_window=args.dicom_window,
+            dicom_frames=args.dicom_frames,
         )
         if fmt == "json":
             text = json.dumps(result, indent=2) + "\n"

@@ -394,6 +394,7 @@ class _Pipelines:
             resize_mode=config.data.resize_mode,
             cache_budget_mb=config.data.cache_budget_mb,
             disk_cache=demo_data.cache_root() / "decoded" if config.data.disk_cache else None,
+            decoding=data.Decoding.from_settings(config.data),
         )
         seed = config.data.seed
         # One decode of the training images serves phase 1's plain pass, its augmented views and phase 2.
@@ -809,6 +810,8 @@ def _train_in(
             val_fraction=config.data.val_fraction,
             test_fraction=config.data.test_fraction,
             seed=config.data.seed,
+            decoding=data.Decoding.from_settings(config.data),
+            group_by=config.data.group_by,
         )
         (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
         _print_data_summary(split, run_dir)
@@ -973,6 +976,10 @@ def _print_data_summary(split: data.Split, run_dir: Path) -> None:
     print(f"Data: {split.root}  ({len(split.class_names)} classes; train / val / test images)")
     for name, (n_train, n_val, n_test) in counts.items():
         print(f"  {name:24s} {n_train:6d} {n_val:6d} {n_test:6d}")
+    if split.groups:
+        # Counts only: the group hashes stay in split.json.
+        sizes = ", ".join(f"{len(split.groups.get(subset, []))} in {subset}" for subset in data.SUBSETS)
+        print(f"Grouped by {split.group_by}: {sizes} (groups).")
     if split.skipped:
         print(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {run_dir / 'split.json'}:")
         for entry in split.skipped[:5]:
