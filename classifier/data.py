@@ -122,13 +122,12 @@ class Decoding:
 
 def run_decoding(run_dir: str | os.PathLike | None) -> Decoding:
     """The decoding settings a run trained with (its config.yaml), or the defaults when there is no run."""
-    config_path = Path(run_dir) / "config.yaml" if run_dir is not None else None
-    if config_path is None or not config_path.is_file():
-        return Decoding()
-    import yaml
+    from classifier.config import run_setting  # config imports dicom, as this module does
 
-    content = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return Decoding.from_settings(content.get("data") or {})
+    return Decoding(
+        dicom_window=str(run_setting(run_dir, "data", "dicom_window") or "auto"),
+        dicom_frames=str(run_setting(run_dir, "data", "dicom_frames") or "first"),
+    )
 
 
 def frame_ref(path: str, frame: int) -> str:

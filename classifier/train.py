@@ -684,6 +684,31 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
     return throughput
 
 
+@contextlib.contextmanager
+def _naming_unreadable_images(split: data.Split, config: Config) -> Iterator[None]:
+    """Turns tf.data's error for an image that no longer reads (changed after the split was made, e.g. truncated
+    between a kill and the re-run) into a message naming the files: tf.data's own ("Truncated File Read", "image
+    file is truncated") names none. Only checked after such an error, so it costs nothing otherwise."""
+    try:
+        yield
+    except tf.errors.OpError:
+        decoding = data.Decoding.from_settings(config.data)
+        broken = []
+        for relative, _ in [*split.train, *split.val, *split.test]:
+            try:
+                data.load_image(Path(split.root) / relative, decoding)
+            except (OSError, ValueError) as error:
+                broken.append(f"{relative} ({str(error).splitlines()[0]})")
+        if not broken:
+            raise
+        shown = "; ".join(broken[:5]) + (f"; and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise UserError(
+            f"{len(broken)} image(s) of this run's split can no longer be read (changed after the split was made): "
+            f"{shown}. Restore them and run the same command again, or start the run afresh with --overwrite "
+            "(a new split without them)."
+        ) from None
+
+
 def _trim_history(path: Path, before_epoch: int) -> None:
     """Keeps the rows of history.csv for epochs before `before_epoch` (0-based)."""
     if not path.exists():
@@ -754,14 +779,52 @@ def train(
     role = distribute.cluster_role()
     if role.is_chief or role.workers == 1:
         return _train(config, role, run_dir, overwrite, extra_callbacks)
-    scratch = Path(tempfile.mkdtemp(prefix=f"classifier-{role.task_type}{role.index}-"))
+    prefix = f"classifier-{role.task_type}{role.index}-"
+    _remove_scratch_of_dead_workers(Path(tempfile.gettempdir()), prefix)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
     try:
-        worker_config = config.replace({"run": {"output_dir": str(scratch)}})
-        _train(worker_config, role, None, True, extra_callbacks)
+        chief = run_dir or (Path(config.run.output_dir) / config.run.name if config.run.name else None)
+        mirror = _mirror_of_chief_state(chief, scratch)
+        if mirror is not None:  # a restarted cluster: every worker continues from the chief's state, in step
+            print(f"{role.describe()}: continuing from the chief's state in {chief}.")
+            saved = Config().replace(load_yaml(mirror / "config.yaml"))
+            _train(saved.replace({"run": {"output_dir": str(scratch)}}), role, mirror, False, extra_callbacks)
+        else:
+            worker_config = config.replace({"run": {"output_dir": str(scratch)}})
+            _train(worker_config, role, None, True, extra_callbacks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"{role.describe()}: finished; the chief wrote the run folder.")
     return Path(config.run.output_dir) / (config.run.name or "")
+
+
+def _remove_scratch_of_dead_workers(folder: Path, prefix: str) -> None:
+    """Removes temporary run folders (`<prefix><pid>-*`) that workers killed before they could clean up left."""
+    for stale in folder.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _mirror_of_chief_state(chief: Path | None, scratch: Path) -> Path | None:
+    """A copy, in `scratch`, of the chief's unfinished run folder when it holds training state to continue from
+    (the output folder is shared, as on one host or a cluster file system), else None.
+
+    A worker that started afresh while the chief continued would run other epochs than the chief and the
+    cluster's collective steps would never meet. Copied, the worker makes the chief's decisions (phase markers,
+    plan, backup epoch) on the same files.
+    """
+    if chief is None or _is_finished(chief) or not (chief / "checkpoints" / "plan.json").exists():
+        return None
+    mirror = scratch / chief.name
+    shutil.copytree(chief, mirror, ignore=shutil.ignore_patterns(runlock.LOCK_FILE, "logs"))
+    return mirror
 
 
 def _train(
@@ -837,7 +900,8 @@ def _train_in(
         )
         if role.workers > 1:
             print(f"Cluster: this process is {role.describe()}.")
-        pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync, role.workers > 1)
+        with _naming_unreadable_images(split, config):  # the memory cache is filled here
+            pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync, role.workers > 1)
         weights_by_class = _class_weights(config.train.class_weights, split)
         if weights_by_class:
             shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
@@ -869,7 +933,8 @@ def _train_in(
         else budget_lib.TimeBudget(budget_lib.parse_duration(config.train.time_budget), started),
         extra_callbacks=list(extra_callbacks),
     )
-    throughput = _fit_phases(model, ctx)
+    with _naming_unreadable_images(split, config):
+        throughput = _fit_phases(model, ctx)
     store = checkpoints_lib.BestStore(run_dir / "checkpoints")
     best = store.record()
     store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts

@@ -215,3 +215,17 @@ def test_ctrl_c_in_predict_does_not_talk_about_epochs(tmp_path, capsys, monkeypa
     assert predict.main(["--model", str(model), str(image)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "epoch" not in err
+
+
+def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, tmp_path):
+    images, _, _ = interrupted
+    _, run_dir = copy_of(interrupted, tmp_path)
+    moved = Path(shutil.copytree(images, tmp_path / "images"))
+    train_image = json.loads((run_dir / "split.json").read_text())["train"][0][0]
+    victim = moved / train_image
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    result = run([sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir), "--data-dir", str(moved)])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert train_image in result.stderr and "can no longer be read" in result.stderr
+    assert (run_dir / "checkpoints" / "phase2_backup" / "state.json").is_file()  # nothing of the run was lost
