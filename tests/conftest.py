@@ -89,3 +89,4 @@ def exported_run(tmp_path_factory) -> tuple[Path, dict]:
     report = export_run(run_dir, calibration_images=40, latency_runs=5)
     assert report["passed"], report["failures"]
     return run_dir, report
+

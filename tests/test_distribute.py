@@ -47,13 +47,24 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_workers(command: list[str], folder: Path, scratch: Path, attempt: int) -> list[subprocess.Popen]:
-    ports, workers = free_ports(2), []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=tf_config(index, ports), TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2")
-        with open(folder / f"worker{index}-{attempt}.log", "w") as log:  # the child keeps its own copy of the handle
-            workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    return workers
+@pytest.fixture
+def start_workers():
+    """Starts the two workers of a cluster; whatever happens in the test, none outlives it."""
+    started: list[subprocess.Popen] = []
+
+    def start(command: list[str], folder: Path, scratch: Path, attempt: int) -> list[subprocess.Popen]:
+        ports, workers = free_ports(2), []
+        for index in range(2):
+            env = dict(os.environ, TF_CONFIG=tf_config(index, ports), TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2")
+            with open(folder / f"worker{index}-{attempt}.log", "w") as log:  # the child keeps its own handle
+                workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        started.extend(workers)
+        return workers
+
+    yield start
+    for worker in started:
+        worker.kill()
+        worker.wait()
 
 
 def history(run: Path) -> list[dict]:
@@ -68,7 +79,7 @@ EPOCHS = ["--head-epochs", "1", "--finetune-epochs", "2", "--augment", "none"]
 EPOCHS += ["--set", "model.dropout=0", "--set", "train.feature_views=0"]
 
 
-def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_path):
+def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_path, start_workers):
     images = write_separable_folder(tmp_path / "images", per_class=12, size=40)  # 24 train, 6 val, 6 test
     output, scratch = tmp_path / "runs", tmp_path / "tmp"
     scratch.mkdir()
@@ -92,7 +103,7 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
 
     # Attempt 2: the same command on both workers finishes the run from the backup.
     workers = start_workers(command, tmp_path, scratch, attempt=2)
-    codes = [worker.wait(timeout=600) for worker in workers]
+    codes = [worker.wait(timeout=600) for worker in workers]  # bounded; the fixture kills what is left
     logs = [(tmp_path / f"worker{index}-2.log").read_text() for index in range(2)]
     assert codes == [0, 0], logs
     assert "worker 0 of a 2-process cluster (chief" in logs[0]
