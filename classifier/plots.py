@@ -38,6 +38,37 @@ def save_figure(figure: plt.Figure, path: str | os.PathLike) -> Path:
     return path
 
 
+def image_figure(
+    images: list[np.ndarray] | np.ndarray,
+    titles: list[str],
+    columns: int = 4,
+    colours: list[str] | None = None,
+    heading: str = "",
+) -> plt.Figure:
+    """Lays out images (RGB, 0..255) in a grid, each with its title (in its colour, default black)."""
+    count = len(images)
+    columns = max(1, columns)
+    rows = max(1, -(-count // columns))
+    lines = max((title.count("\n") + 1 for title in titles), default=1)
+    row_height = 2.1 + 0.2 * lines  # the picture and its title lines
+    # Constrained layout keeps each row's titles clear of the pictures above (tight_layout did not, with imshow).
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(2.2 * columns, row_height * rows + 0.4 * bool(heading)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < count:
+            axis.imshow(np.clip(images[index], 0, 255).astype(np.uint8))
+            axis.set_title(titles[index], fontsize=8, color=colours[index] if colours else "black")
+    if heading:
+        figure.suptitle(heading, fontsize=9)
+    return figure
+
+
 def _read_history(path: Path) -> list[dict[str, float]]:
     """history.csv rows as floats, one per epoch: a resumed run may have logged an epoch twice, the last wins."""
     by_epoch: dict[int, dict[str, float]] = {}
