@@ -86,7 +86,7 @@ def test_the_families_cover_the_registry():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_backbone_family_gives_a_heatmap_from_its_last_feature_map(name):
     model = build_classifier(name, num_classes=2, image_size=64, weights="none")
-    cam = gradcam.GradCam(model)
+    cam = gradcam.GradCam(model, traced=False)  # one call: tracing would cost more than it saves
     # The map the classifier pools: the backbone's output, 1/32 of the input (test_backbones checks the channels).
     channels = model.get_layer("backbone").output.shape[-1]
     assert cam.feature_map_shape == (2, 2, channels)
