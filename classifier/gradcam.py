@@ -17,7 +17,6 @@ longer carries in usable form. The preprocessing is inside the model, so the hea
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,9 +255,9 @@ def contact_sheet(pictures: list[np.ndarray], titles: list[str], path: Path, hea
     return save_figure(image_figure(pictures, titles, columns=min(6, len(pictures)), heading=heading), path)
 
 
-def sheet_path(output_dir: Path, page: int, pages: int) -> Path:
+def sheet_path(output_dir: Path, page: int, numbered: bool) -> Path:
     """`contact_sheet.png`, or `contact_sheet_01.png`... when the images fill more than one page."""
-    return output_dir / ("contact_sheet.png" if pages == 1 else f"contact_sheet_{page + 1:02d}.png")
+    return output_dir / (f"contact_sheet_{page + 1:02d}.png" if numbered else "contact_sheet.png")
 
 
 def _overlay_name(path: str, taken: set[str]) -> str:
@@ -322,13 +321,12 @@ def explain_files(
     used_names: set[str] = set()
     rows: list[dict] = []
     sheet: list[tuple[np.ndarray, str]] = []
-    pages = max(1, math.ceil(len(paths) / SHEET_PAGE))
     sheets: list[Path] = []
     heading = "Grad-CAM: where the evidence for the class named under each image was (red strongest)"
 
-    def flush_sheet() -> None:
+    def flush_sheet(numbered: bool) -> None:
         if sheet:
-            target = sheet_path(output_dir, len(sheets), pages)
+            target = sheet_path(output_dir, len(sheets), numbered)
             sheets.append(contact_sheet([p for p, _ in sheet], [t for _, t in sheet], target, heading))
             sheet.clear()
 
@@ -371,10 +369,10 @@ def explain_files(
             title = f"{candidate.removesuffix('.gradcam.png')[:28]}\n{labels[c]} {row['probability']:.2f}"
             if c != p:
                 title += f" (predicted {labels[p]})"
+            if len(sheet) == SHEET_PAGE:  # a full page and one more image: there will be several pages
+                flush_sheet(numbered=True)
             sheet.append((overlaid, title))
-            if len(sheet) == SHEET_PAGE:
-                flush_sheet()
-    flush_sheet()
+    flush_sheet(numbered=bool(sheets))
     order = {path: i for i, path in enumerate(paths)}
     rows.sort(key=lambda row: order[row["path"]])
     columns = ["path", "overlay", "explained", "predicted", "probability", "predicted_probability", "error"]

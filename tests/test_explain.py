@@ -171,3 +171,31 @@ def test_training_writes_a_gradcam_grid_of_validation_images_to_tensorboard(corn
     assert event.step == best_epoch - 1  # on the scalars' 0-based epoch axis
     description = logs.summary_metadata["gradcam"].summary_description
     assert f"weights of epoch {best_epoch}" in description and "wrong" in description and "right" in description
+
+
+def tiny_cnn(size: int = 32) -> keras.Model:
+    """A small untrained CNN with the toolkit's head layers: enough for the file handling of explain."""
+    from classifier.model import probabilities_from
+
+    inputs = keras.Input((size, size, 3))
+    features = keras.layers.Conv2D(4, 3, strides=4, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+    logits = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D(name="pool")(features))
+    return keras.Model(inputs, probabilities_from(logits, 1.0))
+
+
+@pytest.mark.parametrize("count, sheets", [(2, [""]), (4, ["_01", "_02"]), (5, ["_01", "_02", "_03"])])
+def test_contact_sheets_are_pages_numbered_only_when_there_are_several(count, sheets, tmp_path, monkeypatch):
+    monkeypatch.setattr(gradcam, "SHEET_PAGE", 2)
+    (tmp_path / "in").mkdir()
+    paths = []
+    for index in range(count):
+        paths.append(str(tmp_path / "in" / f"{index}.png"))
+        Image.fromarray(np.full((32, 32, 3), 40 * index, np.uint8)).save(paths[-1])
+    broken = tmp_path / "in" / "broken.png"
+    broken.write_text("not a PNG")  # listed as an error, and no page of its own
+    result = gradcam.explain_files(tiny_cnn(), [*paths, str(broken)], tmp_path / "out", ["a", "b"])
+    expected = [f"contact_sheet{suffix}.png" for suffix in sheets]
+    assert [Path(path).name for path in result["contact_sheets"]] == expected
+    assert sorted(p.name for p in (tmp_path / "out").glob("contact_sheet*")) == expected
+    assert len(list((tmp_path / "out").glob("*.gradcam.png"))) == count
+    assert result["rows"][-1]["overlay"] is None and "cannot read image" in result["rows"][-1]["error"]
