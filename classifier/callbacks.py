@@ -2,7 +2,11 @@
 
 Keras' own callbacks do what they can (EarlyStopping, CSVLogger); the ones here add what they lack: epoch scalars
 on one axis across both phases, the learning rate in `history.csv`, images (augmented samples, the final
-confusion matrix), the phase and the hparams of the run. The checkpoints are `classifier.checkpoints`.
+confusion matrix, Grad-CAM heatmaps of validation images), the phase and the hparams of the run. The checkpoints
+are `classifier.checkpoints`.
+
+Every summary of one TensorBoard run folder (`logs/train`, `logs/validation`) goes through one writer per process
+(`summary_writer`), so a finished run has one event file per folder, not one per phase or per image.
 """
 
 from __future__ import annotations
@@ -21,6 +25,23 @@ import tensorflow as tf  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix  # noqa: E402
 from tensorboard.plugins.hparams import api as hp  # noqa: E402
 
+_WRITERS: dict[Path, tf.summary.SummaryWriter] = {}
+
+
+def summary_writer(folder: Path) -> tf.summary.SummaryWriter:
+    """The one summary writer of a TensorBoard run folder in this process (each new writer starts a new file)."""
+    folder = Path(folder).resolve()
+    if folder not in _WRITERS:
+        _WRITERS[folder] = tf.summary.create_file_writer(str(folder))
+    return _WRITERS[folder]
+
+
+def close_summary_writers(log_dir: Path) -> None:
+    """Closes (and so flushes) the writers of every run folder under `log_dir`."""
+    log_dir = Path(log_dir).resolve()
+    for folder in [folder for folder in _WRITERS if folder == log_dir or log_dir in folder.parents]:
+        _WRITERS.pop(folder).close()
+
 
 def figure_to_image(figure: plt.Figure) -> tf.Tensor:
     """Renders a matplotlib figure to a `[1, H, W, 4]` uint8 tensor for `tf.summary.image`, and closes it."""
@@ -30,18 +51,13 @@ def figure_to_image(figure: plt.Figure) -> tf.Tensor:
     return tf.expand_dims(tf.image.decode_png(buffer.getvalue(), channels=4), 0)
 
 
-def image_grid(images: np.ndarray, titles: list[str], columns: int = 4) -> plt.Figure:
-    """Lays out up to 16 images (0..255) with titles in a grid."""
-    count = min(len(images), 16)
-    rows = max(1, -(-count // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if index < count:
-            axis.imshow(np.clip(images[index], 0, 255).astype(np.uint8))
-            axis.set_title(titles[index], fontsize=8)
-    figure.tight_layout()
-    return figure
+def image_grid(
+    images: np.ndarray, titles: list[str], columns: int = 4, colours: list[str] | None = None, heading: str = ""
+) -> plt.Figure:
+    """Lays out up to 16 images (0..255) with titles (in `colours`, default black) and a heading in a grid."""
+    from classifier.plots import image_figure
+
+    return image_figure(images[:16], titles[:16], columns, colours[:16] if colours else None, heading)
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], title: str) -> plt.Figure:
@@ -74,14 +90,26 @@ class AugmentedSamples(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         images, labels = next(iter(self.dataset.take(1)))
-        # Labels are one-hot, or soft after MixUp / CutMix: show the mix as "name p".
-        titles = []
-        for row in labels.numpy()[:16]:
-            top = np.argsort(row)[::-1][:2]
-            parts = [f"{self.class_names[i]} {row[i]:.2f}" for i in top if row[i] > 0.01]
-            titles.append(" / ".join(parts))
-        with tf.summary.create_file_writer(str(self.log_dir / "train")).as_default():
-            tf.summary.image("augmented_samples", figure_to_image(image_grid(images.numpy(), titles)), step=0)
+        titles = [augmented_label(row, self.class_names) for row in labels.numpy()[:16]]
+        mixed = any("%" in title for title in titles)
+        heading = "Training images after augmentation"
+        if mixed:
+            heading += "\nMixUp / CutMix blend two images: the title gives each class's share of the label"
+        with summary_writer(self.log_dir / "train").as_default():
+            tf.summary.image(
+                "augmented_samples",
+                figure_to_image(image_grid(images.numpy(), titles, heading=heading)),
+                step=0,
+                description=heading.replace("\n", ". ") + ". Augmentation runs on the training pipeline only.",
+            )
+
+
+def augmented_label(row: np.ndarray, class_names: list[str]) -> str:
+    """The title of one augmented sample: its class, or each class's share of a MixUp / CutMix label."""
+    top = np.argsort(row)[::-1][:2]
+    if row[top[0]] > 0.99:
+        return class_names[top[0]]
+    return " / ".join(f"{class_names[i]} {row[i]:.0%}" for i in top if row[i] > 0.01)
 
 
 class EpochScalars(keras.callbacks.Callback):
@@ -97,12 +125,6 @@ class EpochScalars(keras.callbacks.Callback):
     def __init__(self, log_dir: Path):
         super().__init__()
         self._log_dir = Path(log_dir)
-        self._writers: dict[str, tf.summary.SummaryWriter] = {}
-
-    def _writer(self, name: str) -> tf.summary.SummaryWriter:
-        if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(str(self._log_dir / name))
-        return self._writers[name]
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -112,14 +134,13 @@ class EpochScalars(keras.callbacks.Callback):
         ):
             if not keys:
                 continue
-            with self._writer(subset).as_default(step=epoch):
+            with summary_writer(self._log_dir / subset).as_default(step=epoch):
                 for key in keys:
                     tf.summary.scalar(f"epoch_{key.removeprefix('val_')}", float(logs[key]))
 
     def on_train_end(self, logs=None):
-        for writer in self._writers.values():
-            writer.close()
-        self._writers = {}
+        for subset in ("train", "validation"):
+            summary_writer(self._log_dir / subset).flush()
 
 
 class PhaseLogger(keras.callbacks.Callback):
@@ -135,22 +156,50 @@ class PhaseLogger(keras.callbacks.Callback):
             logs["phase"] = self.phase
 
 
+def final_model_step(epoch: int | None) -> int:
+    """The TensorBoard step of the final model's images: its epoch (from 1) on the 0-based axis of the scalars."""
+    return max(0, epoch - 1) if epoch else 0
+
+
+def final_model_title(epoch: int | None) -> str:
+    """ "final model (weights of epoch 10, step 9)": which epoch's weights the final images show."""
+    return "final model" + (f" (weights of epoch {epoch}, step {final_model_step(epoch)})" if epoch else "")
+
+
 def write_confusion_matrix(
-    log_dir: Path, y_true, probabilities: np.ndarray, class_names: list[str], epoch: int | None
+    log_dir: Path, y_true, y_pred: np.ndarray, class_names: list[str], epoch: int | None, rule: str
 ) -> None:
-    """Writes the final model's validation confusion matrix (argmax of the probabilities) to TensorBoard, once.
+    """Writes the final model's validation confusion matrix to TensorBoard, once.
 
     Args:
         log_dir: The run's `logs/` folder.
         y_true: Validation labels.
-        probabilities: The final model's validation probabilities.
+        y_pred: The final model's decisions on them.
         class_names: Class names in label order.
         epoch: The epoch (from 1) the final model's weights come from, for the title and the step; None if unknown.
+        rule: How the decisions were made, for the title: "argmax" or the operating point.
     """
-    title = "validation, final model" + (f" (epoch {epoch})" if epoch else "") + ", argmax"
-    figure = confusion_figure(np.asarray(y_true), probabilities.argmax(axis=-1), class_names, title)
-    with tf.summary.create_file_writer(str(Path(log_dir) / "validation")).as_default():
-        tf.summary.image("confusion_matrix", figure_to_image(figure), step=epoch or 0)
+    title = f"Validation, {final_model_title(epoch)}\ndecision: {rule}"
+    figure = confusion_figure(np.asarray(y_true), np.asarray(y_pred), class_names, title)
+    with summary_writer(Path(log_dir) / "validation").as_default():
+        step, description = final_model_step(epoch), title.replace("\n", "; ")
+        tf.summary.image("confusion_matrix", figure_to_image(figure), step=step, description=description)
+
+
+def write_image_grid(
+    log_dir: Path,
+    tag: str,
+    images: list[np.ndarray],
+    titles: list[str],
+    colours: list[str],
+    heading: str,
+    epoch: int | None,
+) -> None:
+    """Writes up to 16 images of the final model (e.g. Grad-CAM overlays) as one grid to the validation run."""
+    figure = image_grid(np.stack(images), titles, colours=colours, heading=heading)
+    with summary_writer(Path(log_dir) / "validation").as_default():
+        description = heading.replace("\n", "; ")
+        tf.summary.image(tag, figure_to_image(figure), step=final_model_step(epoch), description=description)
 
 
 class ThroughputMeter(keras.callbacks.Callback):
@@ -180,14 +229,26 @@ class ThroughputMeter(keras.callbacks.Callback):
         return float(np.median(rates)) if rates else None
 
 
-def write_hparams(log_dir: Path, hparams: dict, metrics: dict[str, float]) -> None:
-    """Records the run's hyperparameters and final metrics in TensorBoard's HParams dashboard."""
+# The HParams dashboard's metric columns: the validation run's own epoch charts, read at their last epoch.
+HPARAMS_METRICS = {"epoch_loss": "val loss", "epoch_accuracy": "val accuracy", "epoch_auc": "val AUC"}
+
+
+def write_hparams(log_dir: Path, hparams: dict) -> None:
+    """Records the run's hyperparameters for TensorBoard's HParams dashboard, in the `validation` run.
+
+    The session lives in the validation run and its metric columns are that run's `epoch_*` charts (TensorBoard
+    takes their last value), so it adds no run of its own: a separate `hparams` run with one scalar each shows up
+    in the Scalars dashboard as a run of one-dot charts. TensorBoard looks a session's metrics up in the session's
+    folder or below it, never beside it (`os.path.join(session, group)`), hence the validation run itself.
+    The final model's numbers (best epoch, calibrated, and the test split) are in metrics.json.
+    """
     values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
-    with tf.summary.create_file_writer(str(Path(log_dir) / "hparams")).as_default():
+    with summary_writer(Path(log_dir) / "validation").as_default():
         hp.hparams_config(
             hparams=[hp.HParam(name) for name in values],
-            metrics=[hp.Metric(f"hparams/{name}", display_name=name) for name in metrics],
+            metrics=[
+                hp.Metric(tag, display_name=f"{name} (last epoch)", description=f"{name} of the last epoch trained")
+                for tag, name in HPARAMS_METRICS.items()
+            ],
         )
         hp.hparams(values)
-        for name, value in metrics.items():
-            tf.summary.scalar(f"hparams/{name}", value, step=0)

@@ -12,6 +12,7 @@ COMMANDS = {
     "export": ("classifier.export", "write SavedModel and TFLite files, checked against the Keras model"),
     "evaluate": ("classifier.evaluate", "metrics, confusion matrix, ROC and calibration of any model file"),
     "predict": ("classifier.predict", "classify image files, folders or globs; CSV or JSON"),
+    "explain": ("classifier.explain", "Grad-CAM heatmaps: where in each image the model found its evidence"),
     "benchmark": ("classifier.benchmark", "latency, throughput and size of a model file"),
 }
 

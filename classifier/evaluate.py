@@ -13,6 +13,11 @@ and predicted class, probabilities, correct or not), and the figures `confusion_
 Two-class tasks also get sensitivity/specificity/PPV/NPV at the default 0.5 and at the run's operating point
 (`operating_point.json`, see `classifier.operating_point`), which `--choose-threshold` (re)computes on the
 validation split.
+
+Probabilities are the model's own, calibrated by the temperature training fitted (`classifier.calibration`).
+When the model's `calibration.json` is found (beside it, or in the run folder above it), the report and the
+reliability diagram also show the probabilities before temperature scaling (softmax(T log p)): the ECE the
+calibration removed. Accuracy, the confusion matrices and ROC-AUC are the same either way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import calibration as calibration_lib
 from classifier import operating_point as op_lib
 from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
@@ -68,11 +74,15 @@ JSON_KEYS = (
     "roc_auc",  # {"average": as auc, "per_class": {class: one-vs-rest AUC or None}}
     "ece",  # expected calibration error, top-label, equal-width bins
     "ece_bins",  # number of bins of the ECE and of the reliability diagram
+    "calibration",  # None (no calibration.json for this model), else CALIBRATION_KEYS
     "binary",  # None for more than two classes, else BINARY_KEYS
     "operating_point",  # the stored operating point used (operating_point.json content + "path"), or None
     "output_dir",  # folder holding the files below
     "files",  # {"report", "predictions", and each of FIGURES' keys: file name in output_dir}
 )
+# temperature: T the model applies; ece_before / loss_before: of its probabilities with T undone (ece and loss are
+# after); source: the calibration.json read; note: why training kept T = 1, or None.
+CALIBRATION_KEYS = ("temperature", "ece_before", "ece_after", "loss_before", "loss_after", "source", "note")
 MODEL_KEYS = ("path", "kind", "image_size", "resize_mode", "decoding")  # decoding: {dicom_window, dicom_frames}
 DATA_KEYS = ("source", "run_dir", "data_dir", "subset", "skipped")  # skipped: [{"path", "reason"}]
 BINARY_KEYS = ("positive_class", "positive_index", "default", "operating_point")  # the last two: THRESHOLD_KEYS/None
@@ -382,6 +392,7 @@ def evaluate(
         threshold=point["threshold"] if point else None,
         n_bins=n_bins,
     )
+    result["calibration"], before = _calibration(predictor, model, y_true, probabilities, class_names, n_bins)
     if output_dir is None:
         suffix = "" if source == "run" and subset_name == "test" else f"-{subset_name}"
         if source == "folder":
@@ -414,6 +425,7 @@ def evaluate(
         result["ece"],
         positive_index,
         n_bins,
+        before=before,
     )
     _write_predictions(output_dir / PREDICTIONS_FILE, kept_paths, y_true, probabilities, class_names)
 
@@ -443,6 +455,39 @@ def evaluate(
     return report
 
 
+def _calibration(predictor, model: Path, y_true, probabilities, class_names, n_bins: int):
+    """The model's temperature and its effect: (CALIBRATION_KEYS or None, (probabilities before, ECE, T) or None)."""
+    from sklearn.metrics import log_loss
+
+    from classifier.metrics import expected_calibration_error
+
+    record = calibration_lib.find_calibration(model)
+    if record is None:
+        return None, None
+    temperature = record["temperature"]
+    inside = calibration_lib.model_temperature(predictor.model) if predictor.kind == "keras" else temperature
+    if inside is None or abs(inside - temperature) > 1e-3 * temperature:
+        print(
+            f"note: ignoring {record['path']}: it records temperature {temperature:g} but {model} applies "
+            f"{'none' if inside is None else f'{inside:g}'}",
+            file=sys.stderr,
+        )
+        return None, None
+    before = calibration_lib.undo_temperature(probabilities, temperature)
+    labels = list(range(len(class_names)))
+    after = np.asarray(probabilities, dtype=np.float64)
+    summary = {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(y_true, before, n_bins),
+        "ece_after": expected_calibration_error(y_true, after, n_bins),
+        "loss_before": float(log_loss(y_true, before, labels=labels)),
+        "loss_after": float(log_loss(y_true, after / after.sum(axis=1, keepdims=True), labels=labels)),
+        "source": record["path"],
+        "note": record.get("note"),
+    }
+    return summary, (before, summary["ece_before"], temperature)
+
+
 def _write_predictions(path: Path, paths: list[str], y_true, probabilities, class_names: list[str]) -> None:
     """One row per image, so the misclassified ones can be found and looked at."""
     with open(path, "w", newline="") as handle:
@@ -458,6 +503,16 @@ def _write_predictions(path: Path, paths: list[str], y_true, probabilities, clas
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _calibration_line(calibration: dict | None) -> str:
+    if calibration is None:
+        return "(no calibration.json for this model: probabilities as the network gives them)"
+    return (
+        f"calibrated with temperature {calibration['temperature']:.3g}: ECE {calibration['ece_before']:.3f} before, "
+        f"{calibration['ece_after']:.3f} after; log loss {calibration['loss_before']:.3f} before "
+        "(accuracy and AUC do not change)"
+    )
 
 
 def format_report(report: dict) -> str:
@@ -487,6 +542,7 @@ def format_report(report: dict) -> str:
         "",
         f"accuracy {report['accuracy']:.3f}   balanced accuracy {report['balanced_accuracy']:.3f}   "
         f"ROC-AUC {_number(report['auc'])}   ECE {report['ece']:.3f}   log loss {report['loss']:.3f}",
+        _calibration_line(report["calibration"]),
         "",
         "Confusion matrix (rows: true class, columns: predicted class):",
     ]

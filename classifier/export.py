@@ -14,6 +14,10 @@
   probabilities (scale 1/256, zero point 0). Not int8: MediaPipe Tasks ImageClassifier (1.2.2) accepts uint8 or
   float32 score tensors and rejects int8 ("Expected output tensor at index 0 to have type UINT8 or FLOAT32 or
   BOOL, found INT8 instead", checked here).
+- `calibration.json` and `operating_point.json`, copied from the run: the temperature every file applies (it is
+  inside the model: `model.keras`'s "temperature" layer divides the logits before the softmax, so the SavedModel
+  and every .tflite give calibrated probabilities, and the parity gate compares calibrated with calibrated) and
+  the two-class decision threshold chosen on those calibrated probabilities.
 - `labels.txt` (class names in output order) and, inside every .tflite, TFLite Model Metadata with the labels
   and the input description MediaPipe needs (classifier/tflite_metadata.py), so the files run unchanged in
   MediaPipe Tasks ImageClassifier and report category names.
@@ -46,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
 from classifier import operating_point, runlock
 from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
@@ -181,8 +186,10 @@ def export_run(
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "labels.txt", "".join(f"{label}\n" for label in labels).encode())
-    if (run_dir / operating_point.FILE_NAME).exists():  # the two-class decision threshold travels with the files
-        _write_atomic(out_dir / operating_point.FILE_NAME, (run_dir / operating_point.FILE_NAME).read_bytes())
+    # The temperature and the two-class decision threshold travel with the files (evaluate and predict read them).
+    for name in (calibration_lib.FILE_NAME, operating_point.FILE_NAME):
+        if (run_dir / name).exists():
+            _write_atomic(out_dir / name, (run_dir / name).read_bytes())
 
     # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
     # so a re-export that fails never replaces a file that passed before.
@@ -264,6 +271,7 @@ def export_run(
         "image_size": image_size,
         "num_classes": num_classes,
         "labels": labels,
+        "temperature": calibration_lib.model_temperature(model),  # inside every exported graph; None: an older model
         "resize_mode": resize_mode,
         "decoding": dataclasses.asdict(decoding),
         "parity_subset": subset,

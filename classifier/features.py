@@ -4,9 +4,10 @@ With the backbone frozen (and called with `training=False`, so BatchNorm and eve
 the pooled features of an image never change between epochs. Training the head through the whole network
 recomputes them every epoch; here they are computed once for the plain training images and for
 `train.feature_views` augmented copies of each (augmentation still matters: it is what the head generalises
-from), and the head (`dropout` → `head` layers of the classifier, the very same layer objects) trains on them
-in memory for as many epochs as it needs, in seconds. Phase 1 then costs (1 + views) forward passes over the
-training set instead of `head_epochs` forward-and-backward passes, and phase 2 starts from the trained head.
+from), and the head (`dropout` → `head` → `temperature` → `probabilities` layers of the classifier, the very same
+layer objects) trains on them in memory for as many epochs as it needs, in seconds. Phase 1 then costs (1 + views)
+forward passes over the training set instead of `head_epochs` forward-and-backward passes, and phase 2 starts from
+the trained head.
 
 The head's loss, metrics, class weights and label smoothing are the ones phase 2 uses, and the validation
 features are those of the un-augmented validation images, so `val_loss` here is the same number the full model
@@ -23,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 POOL_LAYER = "pool"
-HEAD_LAYERS = ("dropout", "head")
+HEAD_LAYERS = ("dropout", "head", "temperature", "probabilities")
 # Head training on features runs at least this batch: a step is a tiny matrix product, so at batch 32 Keras'
 # per-step overhead is the cost. On ELPV features (224 px, two views, seed 42) batch 256 at the same peak rate
 # ran 0.60 s per epoch against 1.40 and reached a lower validation loss (0.473 against 0.485).

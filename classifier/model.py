@@ -4,6 +4,11 @@ Follows the keras-io transfer-learning guide: preprocessing lives inside the mod
 0..255 pixels), the backbone is called with `training=False` so its BatchNorm layers stay in inference mode even
 after unfreezing, and fine-tuning unfreezes the top layers with BatchNorm kept frozen. Only standard Keras layers
 are used, so `model.keras` reloads with `keras.saving.load_model(path)` and no custom objects.
+
+The head ends in three layers: "head" (Dense, the logits), "temperature" (a Rescaling by 1/T, T = 1 while
+training) and "probabilities" (softmax). After training, `classifier.calibration` fits T on the validation split
+and rebuilds the model with it, so every file made from `model.keras` gives calibrated probabilities, and Grad-CAM
+(`classifier.gradcam`) reads the logits from "head".
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from classifier.backbones import build_backbone, get_backbone_spec
 from classifier.errors import UserError
 
 BACKBONE_LAYER = "backbone"
+LOGITS_LAYER = "head"
+TEMPERATURE_LAYER = "temperature"
+PROBABILITIES_LAYER = "probabilities"
 
 
 def build_classifier(
@@ -37,7 +45,8 @@ def build_classifier(
     Returns:
         A functional keras.Model named "<backbone>_classifier": input "image" float32 [None, S, S, 3] with raw
         pixels 0..255; layers "preprocess", "backbone" (nested model, called with training=False), "pool",
-        "dropout", "head" (Dense softmax in float32, also under mixed precision); output [None, num_classes].
+        "dropout", "head" (Dense logits), "temperature" (Rescaling by 1/T, here T = 1), "probabilities"
+        (softmax); the last three in float32, also under mixed precision. Output [None, num_classes].
 
     Raises:
         UserError: Unknown backbone, unsupported size, bad weights value, too few classes or a bad dropout rate.
@@ -57,9 +66,19 @@ def build_classifier(
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    # float32 softmax: under mixed_float16, a float16 softmax loses small probabilities and destabilises the loss.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="head")(x)
-    return keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    # float32 head: under mixed_float16, a float16 softmax loses small probabilities and destabilises the loss.
+    logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
+    return keras.Model(inputs, probabilities_from(logits, 1.0), name=f"{backbone}_classifier")
+
+
+def probabilities_from(logits, temperature: float):
+    """softmax(logits / temperature) as the two named float32 layers every classifier ends in.
+
+    Built-in layers only (a Rescaling, not a custom or Lambda layer), so the model still loads in Keras' safe mode
+    and converts to TFLite builtin ops.
+    """
+    scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)(logits)
+    return keras.layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

@@ -38,6 +38,37 @@ def save_figure(figure: plt.Figure, path: str | os.PathLike) -> Path:
     return path
 
 
+def image_figure(
+    images: list[np.ndarray] | np.ndarray,
+    titles: list[str],
+    columns: int = 4,
+    colours: list[str] | None = None,
+    heading: str = "",
+) -> plt.Figure:
+    """Lays out images (RGB, 0..255) in a grid, each with its title (in its colour, default black)."""
+    count = len(images)
+    columns = max(1, columns)
+    rows = max(1, -(-count // columns))
+    lines = max((title.count("\n") + 1 for title in titles), default=1)
+    row_height = 2.1 + 0.2 * lines  # the picture and its title lines
+    # Constrained layout keeps each row's titles clear of the pictures above (tight_layout did not, with imshow).
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(2.2 * columns, row_height * rows + 0.4 * bool(heading)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < count:
+            axis.imshow(np.clip(images[index], 0, 255).astype(np.uint8))
+            axis.set_title(titles[index], fontsize=8, color=colours[index] if colours else "black")
+    if heading:
+        figure.suptitle(heading, fontsize=9)
+    return figure
+
+
 def _read_history(path: Path) -> list[dict[str, float]]:
     """history.csv rows as floats, one per epoch: a resumed run may have logged an epoch twice, the last wins."""
     by_epoch: dict[int, dict[str, float]] = {}
@@ -204,6 +235,7 @@ def plot_reliability(
     ece: float,
     positive_index: int = 1,
     n_bins: int = 10,
+    before: tuple[np.ndarray, float, float] | None = None,
 ) -> Path:
     """Reliability diagram: how often the model is right when it says "p".
 
@@ -211,34 +243,45 @@ def plot_reliability(
     often that prediction is right); for a binary task a right panel shows the positive class's probability
     against the observed share of positives. Bars under each curve count the predictions in each bin.
 
+    Args:
+        before: (probabilities before temperature scaling, their ECE, the temperature): drawn dashed beside the
+            calibrated curve, with their counts as an outline over the bars.
+
     Returns:
         The PNG path.
     """
     y_true = np.asarray(y_true)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
-    panels = [("top-label", correct, confidence, "confidence of the predicted class", "share correct")]
+
+    def views(scores: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(outcome, score) of each panel."""
+        scores = np.asarray(scores, dtype=np.float64)
+        result = [(scores.argmax(axis=1) == y_true, scores.max(axis=1))]
+        if len(class_names) == 2:
+            result.append((y_true == positive_index, scores[:, positive_index]))
+        return result
+
+    labels = [("top-label", "confidence of the predicted class", "share correct")]
     if len(class_names) == 2:
         positive = class_names[positive_index]
-        panels.append(
-            (
-                f"P({positive})",
-                y_true == positive_index,
-                probabilities[:, positive_index],
-                f"predicted probability of '{positive}'",
-                f"observed share of '{positive}'",
-            )
-        )
+        labels.append((f"P({positive})", f"predicted probability of '{positive}'", f"observed share of '{positive}'"))
+    after_views = views(probabilities)
+    before_views = views(before[0]) if before is not None else [None] * len(labels)
     figure, axes = plt.subplots(
-        2, len(panels), figsize=(5.5 * len(panels), 6.5), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}
+        2, len(labels), figsize=(5.5 * len(labels), 6.5), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}
     )
     edges = np.linspace(0, 1, n_bins + 1)
-    for column, (name, outcome, score, xlabel, ylabel) in enumerate(panels):
+    for column, ((name, xlabel, ylabel), (outcome, score), earlier) in enumerate(
+        zip(labels, after_views, before_views, strict=True)
+    ):
         axis, histogram = axes[0, column], axes[1, column]
+        if earlier is not None and len(earlier[0]):
+            observed, predicted = calibration_curve(earlier[0], earlier[1], n_bins=n_bins, strategy="uniform")
+            axis.plot(predicted, observed, "o--", color="tab:orange", alpha=0.8, label=f"{name}, before (T = 1)")
+            histogram.hist(earlier[1], bins=edges, histtype="step", color="tab:orange", linewidth=1.5)
         if len(outcome):
             observed, predicted = calibration_curve(outcome, score, n_bins=n_bins, strategy="uniform")
-            axis.plot(predicted, observed, "s-", label=name)
+            label = name if before is None else f"{name}, calibrated (T = {before[2]:.3g})"
+            axis.plot(predicted, observed, "s-", color="tab:blue", label=label)
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
         axis.set_xlim(0, 1)
         axis.set_ylim(-0.02, 1.02)  # points at exactly 0 or 1 (a perfect bin) stay visible
@@ -249,8 +292,11 @@ def plot_reliability(
         histogram.set_xlim(0, 1)
         histogram.set_xlabel(xlabel)
         histogram.set_ylabel("images")
-    axes[0, 0].set_title(f"{title}\nECE {ece:.3f} ({n_bins} bins)")
-    if len(panels) > 1:
+    ece_text = f"ECE {ece:.3f} ({n_bins} bins)"
+    if before is not None:
+        ece_text = f"ECE {ece:.3f}, before temperature scaling {before[1]:.3f} ({n_bins} bins)"
+    axes[0, 0].set_title(f"{title}\n{ece_text}")
+    if len(labels) > 1:
         axes[0, 1].set_title("positive class")
     figure.tight_layout()
     return save_figure(figure, path)

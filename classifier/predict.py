@@ -8,7 +8,10 @@ the run.
 
 For a two-class model with an operating point (`operating_point.json` beside the model or in its run folder, see
 `classifier.operating_point`), the `label` column is the decision at that threshold; otherwise it is the most
-probable class.
+probable class. Probabilities are calibrated: the temperature training fitted is inside every model file.
+
+`--explain DIR` (model.keras only) also writes a Grad-CAM overlay of each image for its `label` into DIR, with a
+contact sheet of all of them (`classifier.gradcam`).
 """
 
 from __future__ import annotations
@@ -248,6 +251,14 @@ def decision_rule(
     }
 
 
+def decision_function(rule: dict | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Probabilities [N, C] -> the class indices `prediction_rows` reports as `label` under `rule`."""
+    if rule is None:
+        return lambda probabilities: np.asarray(probabilities).argmax(axis=-1)
+    positive, threshold = rule["positive_index"], rule["threshold"]
+    return lambda probabilities: np.where(np.asarray(probabilities)[:, positive] >= threshold, positive, 1 - positive)
+
+
 def prediction_rows(
     paths: Sequence[str],
     probabilities: np.ndarray,
@@ -314,6 +325,7 @@ def predict(
     use_operating_point: bool = True,
     dicom_window: str | None = None,
     dicom_frames: str | None = None,
+    explain_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Classifies image files.
 
@@ -329,18 +341,27 @@ def predict(
         use_operating_point: Two-class models: use the stored operating point when there is one.
         dicom_window: As `data.dicom_window`; default the run's setting, else "auto".
         dicom_frames: As `data.dicom_frames` ("first" or "all"); default the run's setting, else "first".
+        explain_dir: Also write a Grad-CAM overlay of every readable image for its label, and a contact sheet,
+            into this folder (model.keras only).
 
     Returns:
         {"model", "kind", "labels", "image_size", "resize_mode", "decoding", "decision" (None or the threshold
-        rule), "count", "errors" (number of unreadable inputs), "predictions": `prediction_rows`}.
+        rule), "count", "errors" (number of unreadable inputs), "predictions": `prediction_rows`, "explain": None
+        or {"output_dir", "contact_sheets", "summary"}}.
 
     Raises:
-        UserError: no input, a bad option, or a model that cannot be loaded.
+        UserError: no input, a bad option, a model that cannot be loaded, or `explain_dir` with a TFLite or
+            SavedModel model or a folder that cannot be written.
     """
     if not inputs:
         raise UserError("no input images: pass image files, folders or glob patterns after the options")
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: give 1 or more")
+    if explain_dir is not None:  # refused before any work
+        from classifier import gradcam
+
+        gradcam.refuse_unexplainable(model)
+        gradcam.prepare_output_dir(explain_dir)
     files, problems = collect_inputs(inputs)
     for problem in problems:
         print(f"skipped {problem['path']}: {problem['error']}", file=sys.stderr)
@@ -368,6 +389,21 @@ def predict(
     )
     top_k = min(top_k, len(labels))
     rows = prediction_rows(files, probabilities, errors, labels, top_k, rule)
+    explained = None
+    if explain_dir is not None:
+        readable = [row for row in rows if row["error"] is None]
+        explained = gradcam.explain_files(
+            predictor.model,
+            [row["path"] for row in readable],
+            explain_dir,
+            labels,
+            classes=[labels.index(row["label"]) for row in readable],
+            decide=decision_function(rule),
+            resize_mode=resize_mode,
+            decoding=decoding,
+            batch_size=min(batch_size, 16),
+        )
+        explained = {key: explained[key] for key in ("output_dir", "contact_sheets", "summary")}
     rows += [{"path": p["path"], "label": None, "top_k": [], "error": p["error"]} for p in problems]
     return {
         "model": str(model),
@@ -381,6 +417,7 @@ def predict(
         "count": len(rows),
         "errors": len(errors) + len(problems),
         "predictions": rows,
+        "explain": explained,
     }
 
 
@@ -410,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-operating-point", action="store_true", help="ignore operating_point.json: label = most probable class"
+    )
+    parser.add_argument(
+        "--explain",
+        default=None,
+        metavar="DIR",
+        help="also write a Grad-CAM overlay per image (for its label) and a contact sheet into DIR (model.keras only)",
     )
     add_dicom_arguments(parser)
     return parser
@@ -465,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
             use_operating_point=not args.no_operating_point,
             dicom_window=args.dicom_window,
             dicom_frames=args.dicom_frames,
+            explain_dir=args.explain,
         )
+        if result["explain"]:
+            sheets = ", ".join(Path(path).name for path in result["explain"]["contact_sheets"])
+            print(f"wrote Grad-CAM overlays and {sheets} to {result['explain']['output_dir']}", file=sys.stderr)
         if fmt == "json":
             text = json.dumps(result, indent=2) + "\n"
         else:

@@ -3,7 +3,8 @@
 The story of a run, top to bottom: resolve the config → pick (or resume) the run folder → scan and split the
 images → build the input pipelines → build the model inside the distribution strategy → phase 1 trains the head
 on a frozen backbone → phase 2 unfreezes the top of the backbone (BatchNorm stays frozen) at a lower learning
-rate → the best checkpoint becomes `model.keras` → metrics on the validation and test splits.
+rate → the best checkpoint is restored → its temperature is fitted on the validation split and baked into
+`model.keras` (calibrated probabilities) → metrics, operating point and TensorBoard images of the final model.
 
 An interrupted run continues where it stopped when the same command is run again: phase 2 keeps a backup of
 every epoch in `checkpoints/` (phase 1, on cached features, simply runs again), a finished phase leaves a marker,
@@ -37,11 +38,13 @@ from classifier import (
     atomic,
     augment,
     backbones,
+    calibration,
     callbacks,
     data,
     demo_data,
     distribute,
     features,
+    gradcam,
     operating_point,
     plots,
     runlock,
@@ -846,7 +849,10 @@ def _train(
         spec.check_size(config.data.image_size)
         run_dir, resumed = choose_run_dir(config, overwrite)
     with runlock.hold(run_dir, "training"):
-        return _train_in(config, role, run_dir, resumed, extra_callbacks, started)
+        try:
+            return _train_in(config, role, run_dir, resumed, extra_callbacks, started)
+        finally:
+            callbacks.close_summary_writers(run_dir / "logs")  # flushed, also when training stops with an error
 
 
 def _train_in(
@@ -938,32 +944,112 @@ def _train_in(
     store = checkpoints_lib.BestStore(run_dir / "checkpoints")
     best = store.record()
     store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts
+    logits = _subset_logits(model, ctx)
+    model, record = _calibrate(model, ctx, logits)
     _save_model(model, run_dir / "model.keras")
 
-    metrics = {"class_names": split.class_names}
-    for subset in ("val", "test"):
-        labels = [label for _, label in getattr(split, subset)]
-        if labels:
-            probabilities = model.predict(pipelines.evaluation(subset), verbose=0)
-            metrics[subset] = classification_metrics(labels, probabilities, split.class_names)
-            if subset == "val":
-                epoch = best["epoch"] if best else None
-                callbacks.write_confusion_matrix(run_dir / "logs", labels, probabilities, split.class_names, epoch)
-                if len(split.class_names) == 2:
-                    metrics["operating_point"] = _choose_operating_point(run_dir, config, split, labels, probabilities)
+    metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
-    final = {
-        f"{subset}_{key}": metrics[subset][key]
-        for subset in ("val", "test")
-        if subset in metrics
-        for key in ("accuracy", "auc")
-    }
-    callbacks.write_hparams(run_dir / "logs", _flat_hparams(config), {k: v for k, v in final.items() if v is not None})
+    callbacks.write_hparams(run_dir / "logs", _flat_hparams(config))
     plots.plot_training_curves(run_dir)
     _write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks the run as finished
     _print_summary(run_dir, metrics)
     return run_dir
+
+
+def _subset_logits(model: keras.Model, ctx: _Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{subset: (logits, labels)} of the final weights on the validation and test splits that have images."""
+    with ctx.strategy.scope():
+        to_logits = calibration.logits_model(model)
+    result = {}
+    for subset in ("val", "test"):
+        labels = np.array([label for _, label in getattr(ctx.split, subset)], dtype=np.int64)
+        if len(labels):
+            values = to_logits.predict(ctx.pipelines.evaluation(subset), verbose=0)
+            result[subset] = (np.asarray(values, dtype=np.float64), labels)
+    return result
+
+
+def _calibrate(model: keras.Model, ctx: _Context, logits: dict) -> tuple[keras.Model, dict]:
+    """Temperature scaling fitted on the validation split (`classifier.calibration`) and baked into the model.
+
+    Returns:
+        The calibrated model (same layers and weights, its "temperature" layer set) and the record written to
+        calibration.json: the validation fit (temperature, NLL and ECE before and after) and the test split's ECE.
+    """
+    if "val" in logits:
+        temperature, note = calibration.fit_temperature(*logits["val"])
+    else:
+        temperature, note = 1.0, "no validation images: nothing to fit the temperature on; kept at 1"
+    values, labels = logits.get("val", (np.zeros((0, len(ctx.split.class_names))), np.zeros(0, np.int64)))
+    record = calibration.calibration_record(values, labels, temperature, note)
+    record.update(subset="val", class_names=ctx.split.class_names, test=None)
+    if "test" in logits:
+        test = calibration.calibration_record(*logits["test"], temperature, note)
+        record["test"] = {key: test[key] for key in ("count", "nll_before", "nll_after", "ece_before", "ece_after")}
+    calibration.write_calibration(ctx.run_dir, record)
+    with ctx.strategy.scope():
+        calibrated = calibration.with_temperature(model, temperature)
+    if note:
+        print(f"Calibration: temperature {temperature:g}: {note}.")
+    else:
+        print(
+            f"Calibration: temperature {temperature:.3g} fitted on {record['count']} validation images: ECE "
+            f"{record['ece_before']:.3f} -> {record['ece_after']:.3f}, NLL {record['nll_before']:.3f} -> "
+            f"{record['nll_after']:.3f}. model.keras and every export give the calibrated probabilities."
+        )
+    return calibrated, record
+
+
+def _final_metrics(model: keras.Model, ctx: _Context, logits: dict, record: dict, epoch: int | None) -> dict:
+    """Metrics of the final (calibrated) model, its operating point, and its TensorBoard images."""
+    class_names = ctx.split.class_names
+    metrics = {"class_names": class_names, "calibration": record}
+    probabilities = {}
+    for subset, (values, labels) in logits.items():
+        probabilities[subset] = calibration.softmax(values, record["temperature"])
+        metrics[subset] = classification_metrics(labels, probabilities[subset], class_names)
+    if "val" not in logits:
+        return metrics
+    labels, scores = logits["val"][1], probabilities["val"]
+    decisions, rule = scores.argmax(axis=-1), "argmax (the most probable class)"
+    if len(class_names) == 2:  # the threshold is chosen on the calibrated probabilities, as predict will see them
+        point = _choose_operating_point(ctx.run_dir, ctx.config, ctx.split, labels, scores)
+        metrics["operating_point"] = point
+        positive = point["positive_index"]
+        decisions = np.where(scores[:, positive] >= point["threshold"], positive, 1 - positive)
+        rule = f"operating point, '{point['positive_class']}' when its probability >= {point['threshold']:.3f}"
+    callbacks.write_confusion_matrix(ctx.run_dir / "logs", labels, decisions, class_names, epoch, rule)
+    _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch)
+    return metrics
+
+
+def _write_gradcam_grid(
+    model: keras.Model, ctx: _Context, labels: np.ndarray, decisions: np.ndarray, scores: np.ndarray, epoch: int | None
+) -> None:
+    """Up to 16 validation images (the wrong ones first) with the heatmap of the decided class, to TensorBoard."""
+    chosen = gradcam.pick_examples(labels, decisions, gradcam.TENSORBOARD_IMAGES)
+    options, root = ctx.pipelines.options, Path(ctx.split.root)
+    batch = np.stack(  # read again, the way the pipeline reads them: cheaper than a pass over the whole split
+        [
+            data.load_and_resize(
+                str(root / ctx.split.val[i][0]), options["image_size"], options["resize_mode"], options["decoding"]
+            )
+            for i in chosen
+        ]
+    ).astype(np.float32)
+    maps, _, _, _ = gradcam.GradCam(model, traced=False).heatmaps(batch, classes=decisions[chosen])
+    names = ctx.split.class_names
+    overlays = [gradcam.overlay(image.astype(np.uint8), heatmap) for image, heatmap in zip(batch, maps, strict=True)]
+    titles = [f"true {names[labels[i]]}\npredicted {names[decisions[i]]} {scores[i, decisions[i]]:.2f}" for i in chosen]
+    colours = ["tab:green" if labels[i] == decisions[i] else "tab:red" for i in chosen]
+    wrong = sum(labels[i] != decisions[i] for i in chosen)
+    heading = (
+        f"Grad-CAM, validation, {callbacks.final_model_title(epoch)}: {wrong} wrong (red), {len(chosen) - wrong} "
+        "right (green)\nred = where the evidence for the predicted class was; a hint where to look, not proof"
+    )
+    callbacks.write_image_grid(ctx.run_dir / "logs", "gradcam", overlays, titles, colours, heading, epoch)
 
 
 def _choose_operating_point(
@@ -1063,6 +1149,12 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
                 f"{subset:5s} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
                 f"AUC {auc}  (n={m['count']})"
             )
+    record = metrics.get("calibration")
+    if record and record["count"]:
+        print(
+            f"Calibration: temperature {record['temperature']:.3g}, validation ECE {record['ece_before']:.3f} -> "
+            f"{record['ece_after']:.3f} (calibration.json; model.keras and its exports apply it)"
+        )
     point = metrics.get("operating_point")
     if point:
         print(

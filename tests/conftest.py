@@ -90,3 +90,49 @@ def exported_run(tmp_path_factory) -> tuple[Path, dict]:
     assert report["passed"], report["failures"]
     return run_dir, report
 
+
+CORNER_SIZE = 128  # Lite0's last feature map is 4 x 4 here: coarse, but finer than the 2 x 2 quadrants
+
+
+def write_corner_folder(root: Path, per_class: int = 30, size: int = CORNER_SIZE, seed: int = 0) -> Path:
+    """Pre-split `train/ val/ test/` folders of noise images whose class is decided only by a bright shape in the
+    top-right quadrant: a filled square (`square`) or a hollow one (`ring`), of random size and place inside it.
+
+    Two thirds of each class go to train, a sixth each to val and test; in val and in test, one image of each class
+    is filed under the other class (label noise), so the model makes confident mistakes there and temperature
+    scaling has something to correct.
+    """
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    for name in ("ring", "square"):
+        for index in range(per_class):
+            image = rng.normal(110, 35, (size, size, 3))
+            side = int(rng.integers(half * 5 // 8, half * 7 // 8 + 1))
+            top, left = int(rng.integers(0, half - side + 1)), half + int(rng.integers(0, half - side + 1))
+            image[top : top + side, left : left + side] = 235 + rng.normal(0, 8, 3)
+            if name == "ring":
+                edge = side // 5
+                inner = side - 2 * edge
+                image[top + edge : top + side - edge, left + edge : left + side - edge] = rng.normal(
+                    110, 35, (inner, inner, 3)
+                )
+            subset = "train" if index < per_class * 2 // 3 else "val" if index < per_class * 5 // 6 else "test"
+            swapped = index in (per_class * 2 // 3, per_class * 5 // 6)  # the first of val and of test
+            folder = root / subset / ({"ring": "square", "square": "ring"}[name] if swapped else name)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{name}_{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corner_run(tmp_path_factory) -> Path:
+    """One run trained by `train` on `write_corner_folder` images (head only, on cached Lite0 ImageNet features):
+    the Grad-CAM tests and the calibration tests of training read it; none may change it."""
+    from classifier.train import build_parser, config_from_args, train
+
+    root = tmp_path_factory.mktemp("corner")
+    images = write_corner_folder(root / "images")
+    argv = ["--data-dir", str(images), "--output-dir", str(root / "runs"), "--name", "corner"]
+    argv += ["--image-size", str(CORNER_SIZE), "--batch-size", "8", "--augment", "none"]  # a flip moves the corner
+    argv += ["--head-epochs", "15", "--finetune-epochs", "0"]
+    return train(config_from_args(build_parser().parse_args(argv)))

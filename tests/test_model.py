@@ -25,7 +25,9 @@ def _is_backbone_variable(model, variable) -> bool:
 def test_classifier_takes_raw_pixels_and_returns_probabilities(pixels):
     model = build_classifier("efficientnet_lite0", num_classes=3, image_size=SIZE, weights="none")
 
-    assert [layer.name for layer in model.layers] == ["image", "preprocess", "backbone", "pool", "dropout", "head"]
+    assert [layer.name for layer in model.layers] == [
+        "image", "preprocess", "backbone", "pool", "dropout", "head", "temperature", "probabilities"
+    ]  # fmt: skip
     assert model.input_shape == (None, SIZE, SIZE, 3) and model.inputs[0].dtype == "float32"
     probabilities = np.asarray(model(pixels, training=False))
     assert probabilities.shape == (4, 3)

@@ -107,21 +107,51 @@ def test_tensorboard_has_scalars_images_and_hparams(finished_run):
         accumulator.Reload()
         return accumulator
 
-    train_logs, val_logs, hparam_logs = tags("train"), tags("validation"), tags("hparams")
+    # One event file per run folder (both phases, the final images and the hparams session), and no run that is
+    # only a column of one-dot charts.
+    assert sorted(p.name for p in (finished_run / "logs").iterdir()) == ["train", "validation"]
+    for subfolder in ("train", "validation"):
+        assert len(list((finished_run / "logs" / subfolder).iterdir())) == 1, subfolder
+    train_logs, val_logs = tags("train"), tags("validation")
     train_tensors = set(train_logs.Tags()["tensors"])
     for name in ("epoch_loss", "epoch_accuracy", "epoch_auc", "epoch_learning_rate"):
         assert name in train_tensors, name
     assert {"epoch_loss", "epoch_accuracy", "epoch_auc"} <= set(val_logs.Tags()["tensors"])
     assert "augmented_samples" in train_tensors
     assert "epoch_phase" in train_tensors
-    assert "confusion_matrix" in set(val_logs.Tags()["tensors"])
+    assert {"confusion_matrix", "gradcam"} <= set(val_logs.Tags()["tensors"])
     matrix = val_logs.Tensors("confusion_matrix")
     best_epoch = json.loads((finished_run / "metrics.json").read_text())["best"]["epoch"]
-    assert [event.step for event in matrix] == [best_epoch]  # one, of the final model
+    assert [event.step for event in matrix] == [best_epoch - 1]  # one, of the final model, on the epoch axis
+    title = val_logs.summary_metadata["confusion_matrix"].summary_description
+    assert f"weights of epoch {best_epoch}, step {best_epoch - 1}" in title and "argmax" in title  # three classes
     png = tf.make_ndarray(matrix[-1].tensor_proto)[2]  # [width, height, encoded PNG]
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "_hparams_/session_start_info" in hparam_logs.summary_metadata
-    assert "hparams/test_accuracy" in set(hparam_logs.Tags()["tensors"])
+    # HParams: the session lives in the validation run, its metrics are that run's own epoch charts.
+    assert "_hparams_/session_start_info" in val_logs.summary_metadata
+    assert "_hparams_/experiment" in val_logs.summary_metadata
+
+
+def test_augmented_samples_are_titled_by_class_and_share_only_when_mixed():
+    from classifier.callbacks import augmented_label
+
+    names = ["cat", "dog", "fox"]
+    assert augmented_label(np.array([0.0, 1.0, 0.0]), names) == "dog"  # no "dog 1.00"
+    assert augmented_label(np.array([0.7, 0.3, 0.0]), names) == "cat 70% / dog 30%"  # MixUp / CutMix
+
+
+def test_training_records_its_calibration(finished_run):
+    """Separable images: every validation image is right, so no finite temperature exists and T stays 1."""
+    from classifier import calibration
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    record = calibration.read_calibration(finished_run)
+    assert record["temperature"] == metrics["calibration"]["temperature"] == 1.0
+    assert "classified right" in record["note"]
+    assert calibration.model_temperature(keras.models.load_model(finished_run / "model.keras")) == 1.0
+    for subset in ("val", "test"):
+        scope = metrics["calibration"] if subset == "val" else metrics["calibration"]["test"]
+        assert scope["ece_before"] == scope["ece_after"] and scope["count"] == metrics[subset]["count"]
 
 
 def test_finished_run_is_never_overwritten_silently(finished_run, capsys):
