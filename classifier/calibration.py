@@ -26,6 +26,7 @@ import numpy as np
 
 from classifier import atomic
 from classifier.errors import UserError
+from classifier.operating_point import find_beside_model
 
 FILE_NAME = "calibration.json"
 # The search range of T. Wide enough for a network whose logits are ten times too large (T near 10) and for the
@@ -210,9 +211,4 @@ def read_calibration(path_or_dir: str | os.PathLike) -> dict | None:
 
 def find_calibration(model_path: str | os.PathLike) -> dict | None:
     """The calibration record that belongs to a model file: beside it (export/) or in the run folder above it."""
-    model_path = Path(model_path).resolve()
-    for folder in (model_path.parent, model_path.parent.parent):
-        record = read_calibration(folder)
-        if record is not None:
-            return record
-    return None
+    return find_beside_model(model_path, read_calibration)

@@ -230,11 +230,17 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
     return point
 
 
-def find_operating_point(model_path: str | os.PathLike) -> dict | None:
-    """The operating point that belongs to a model file: beside it (export/) or in the run folder above it."""
+def find_beside_model(model_path: str | os.PathLike, read) -> dict | None:
+    """The first record `read(folder)` finds for a model file: beside it (export/) or in the run folder above it.
+    Shared by the operating point and the calibration record, which travel with a model the same way."""
     model_path = Path(model_path).resolve()
     for folder in (model_path.parent, model_path.parent.parent):
-        point = read_operating_point(folder)
-        if point is not None:
-            return point
+        record = read(folder)
+        if record is not None:
+            return record
     return None
+
+
+def find_operating_point(model_path: str | os.PathLike) -> dict | None:
+    """The operating point that belongs to a model file: beside it (export/) or in the run folder above it."""
+    return find_beside_model(model_path, read_operating_point)
