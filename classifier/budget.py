@@ -9,9 +9,11 @@ rest. A budget only ever shortens a run: the configured epochs and views are the
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from classifier.errors import UserError
 
@@ -120,3 +122,23 @@ def step_seconds(model, images, labels, repeats: int = 2) -> float:
         grads = gradients(images, labels)
     _ = [g.numpy() for g in grads[:1] if g is not None]  # wait for the last step to finish
     return (time.perf_counter() - started) / repeats
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock seconds of named steps (a step timed twice adds up), for the "after training" line and
+    metrics.json: what the budget's reserve has to cover."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - began, 1)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {value:.0f} s" for name, value in self.seconds.items())
+        return f"{sum(self.seconds.values()):.0f} s ({parts})"

@@ -487,6 +487,7 @@ class _Context:
     budget: budget_lib.TimeBudget | None
     extra_callbacks: list
     inference_rate: float | None = None  # images/s of the frozen backbone's forward pass, once phase 1 measured it
+    finishing: budget_lib.StepTimes = dataclasses.field(default_factory=budget_lib.StepTimes)
 
     @property
     def mode(self) -> str:
@@ -941,18 +942,25 @@ def _train_in(
     )
     with _naming_unreadable_images(split, config):
         throughput = _fit_phases(model, ctx)
-    store = checkpoints_lib.BestStore(run_dir / "checkpoints")
-    best = store.record()
-    store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts
-    logits = _subset_logits(model, ctx)
-    model, record = _calibrate(model, ctx, logits)
-    _save_model(model, run_dir / "model.keras")
+    finishing = ctx.finishing
+    with finishing.step("predictions"):
+        store = checkpoints_lib.BestStore(run_dir / "checkpoints")
+        best = store.record()
+        store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts
+        logits = _subset_logits(model, ctx)
+    with finishing.step("calibration"):
+        model, record = _calibrate(model, ctx, logits)
+    with finishing.step("saving"):
+        _save_model(model, run_dir / "model.keras")
 
     metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
+    with finishing.step("plots"):
+        callbacks.write_hparams(run_dir / "logs", _flat_hparams(config))
+        plots.plot_training_curves(run_dir)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
-    callbacks.write_hparams(run_dir / "logs", _flat_hparams(config))
-    plots.plot_training_curves(run_dir)
+    metrics["finishing_seconds"] = finishing.seconds
+    print(f"After training: {finishing.describe()}.")
     _write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks the run as finished
     _print_summary(run_dir, metrics)
     return run_dir
@@ -1020,8 +1028,10 @@ def _final_metrics(model: keras.Model, ctx: _Context, logits: dict, record: dict
         positive = point["positive_index"]
         decisions = np.where(scores[:, positive] >= point["threshold"], positive, 1 - positive)
         rule = f"operating point, '{point['positive_class']}' when its probability >= {point['threshold']:.3f}"
-    callbacks.write_confusion_matrix(ctx.run_dir / "logs", labels, decisions, class_names, epoch, rule)
-    _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch)
+    with ctx.finishing.step("plots"):
+        callbacks.write_confusion_matrix(ctx.run_dir / "logs", labels, decisions, class_names, epoch, rule)
+    with ctx.finishing.step("Grad-CAM grid"):
+        _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch)
     return metrics
 
 
