@@ -72,19 +72,48 @@ class TimeBudget:
         return epochs
 
 
-def stop_when_spent(budget: TimeBudget, reserve_seconds: float):
-    """A Keras callback that ends training when the next epoch would not fit in what is left of the budget.
+def stop_when_spent(budget: TimeBudget, reserve_seconds: float, validation_seconds: float = 0.0, within_epoch=True):
+    """A Keras callback that ends training when the budget would otherwise be overrun: after an epoch when the
+    next one would not fit, and (with `within_epoch`) in the middle of one, after the batch past which the rest of
+    the epoch, its validation and the reserve would not fit. Keras still validates a cut epoch, so its weights are
+    checkpointed like any other's.
 
     The plan made before phase 2 rests on one measured step; the epochs themselves also pay for the input
     pipeline, the optimizer, validation and checkpoints, and for whatever else the machine is doing. Measuring
-    each finished epoch keeps a slower-than-planned run inside its budget (seen: epochs planned at 66 s took
-    114-146 s on a machine shared with other jobs).
+    as it goes keeps a slower-than-planned run inside its budget (seen: epochs planned at 66 s took 114-146 s,
+    one planned at 139 s took 174 s, on a machine shared with other jobs).
+
+    Args:
+        budget: The run's budget.
+        reserve_seconds: Kept for the end of the run (final predictions, saving, plots).
+        validation_seconds: What one validation pass costs (estimated), kept free inside an epoch that is cut.
+        within_epoch: False where the workers of a cluster must stop together (each would cut at a different
+            batch and the others would wait for it forever); they stop between epochs only.
     """
     import keras
 
     class StopWhenSpent(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self._began = time.perf_counter()
+            self._epoch = epoch
+            self._began = self._batch_began = time.perf_counter()
+            self._slowest_batch = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._batch_began = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._slowest_batch = max(self._slowest_batch, time.perf_counter() - self._batch_began)
+            if not within_epoch or self.model.stop_training:
+                return
+            left = budget.remaining() - reserve_seconds - validation_seconds
+            steps = self.params.get("steps") or 0
+            if left < self._slowest_batch and batch + 1 < steps:
+                print(
+                    f"\nTime budget: stopping epoch {self._epoch + 1} after batch {batch + 1} of {steps}; "
+                    f"{max(0.0, left + validation_seconds):.0f} s are left for its validation before the final "
+                    "evaluation."
+                )
+                self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
             took = time.perf_counter() - self._began

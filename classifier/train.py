@@ -629,7 +629,10 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
         backup,
     ]
     if ctx.budget is not None:
-        phase_callbacks.append(budget_lib.stop_when_spent(ctx.budget, _reserve_seconds(ctx)))
+        cluster = isinstance(ctx.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        validation = len(ctx.split.val) / ctx.inference_rate if ctx.inference_rate else 0.0
+        stop = budget_lib.stop_when_spent(ctx.budget, _reserve_seconds(ctx), validation, within_epoch=not cluster)
+        phase_callbacks.append(stop)
     if config.train.early_stopping_patience > 0:
         # The best weights are restored from the best checkpoint at the end of training (that file survives a
         # restart, EarlyStopping's copy in memory does not).
