@@ -29,5 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(usage)
         return 0
+    from classifier.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # before the command's module imports TensorFlow
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])

@@ -1,0 +1,40 @@
+"""TensorFlow's GPU-probe noise stays off a CPU-only user's terminal; real messages still reach it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISE_WORDS = ("cuInit", "Could not find cuda drivers", "absl::InitializeLog", "cpu_feature_guard")
+
+
+def test_train_help_on_a_machine_without_gpu_prints_no_cuda_noise():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--list-backbones"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "efficientnet_lite0" in result.stdout and "tiny" in result.stdout
+    assert not [word for word in NOISE_WORDS if word in result.stderr], result.stderr
+
+
+def test_a_line_that_is_not_known_noise_is_passed_on(tmp_path):
+    # A stand-in for TensorFlow that prints, from the process's own stderr as TensorFlow's C++ does, two noise lines
+    # and one that a user must see.
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, types\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\\n')\n"
+        "os.write(2, b'E0000 something.cc:1] a real problem\\n')\n"
+        "config = types.SimpleNamespace(list_physical_devices=lambda: [])\n"
+    )
+    script = "from classifier.quiet import import_tensorflow_quietly; import_tensorflow_quietly(); print('done')"
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+    assert result.stderr.strip().splitlines() == ["E0000 something.cc:1] a real problem"]
