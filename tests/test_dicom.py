@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra: pip install -e '.[dicom]'")
+from conftest import TINY  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, generate_uid  # noqa: E402
@@ -411,7 +412,7 @@ def mixed_run(tmp_path_factory) -> dict:
 import sys
 from classifier import cli
 steps = [
-    ["train", "--data-dir", {str(images)!r}, "--output-dir", {str(runs)!r}, "--name", "mixed", "--weights", "none",
+    ["train", "--data-dir", {str(images)!r}, "--output-dir", {str(runs)!r}, "--name", "mixed", *{TINY!r},
      "--epochs", "1", "--image-size", "48", "--batch-size", "4", "--augment", "none",
      "--set", "data.dicom_frames=all", "--set", "data.group_by=dicom_patient", "--set", "train.feature_views=0"],
     ["export", "--run-dir", {str(run_dir)!r}, "--formats", "float32,int8", "--calibration-images", "8",

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_separable_folder
+from conftest import TINY, write_separable_folder
 
 from classifier.distribute import cluster_role
 from classifier.errors import UserError
@@ -84,7 +84,7 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
     output, scratch = tmp_path / "runs", tmp_path / "tmp"
     scratch.mkdir()
     command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(output)]
-    command += ["--name", "cluster", "--image-size", "32", "--batch-size", "4", "--weights", "none", *EPOCHS]
+    command += ["--name", "cluster", "--image-size", "32", "--batch-size", "4", *TINY, *EPOCHS]
     run = output / "cluster"
     state = run / "checkpoints" / "phase2_backup" / "state.json"
 
@@ -117,7 +117,7 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
 
     # One process, the same global batch (2 x 4) and seed: the same run folder layout and the same validation loss.
     single = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(tmp_path / "one")]
-    single += ["--name", "one", "--image-size", "32", "--batch-size", "8", "--weights", "none", *EPOCHS]
+    single += ["--name", "one", "--image-size", "32", "--batch-size", "8", *TINY, *EPOCHS]
     result = subprocess.run(single, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     one = tmp_path / "one" / "one"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_separable_folder
+from conftest import TINY, write_separable_folder
 from PIL import Image
 
 from classifier import data, evaluate, operating_point
@@ -24,11 +24,11 @@ CLASSES = {"clear": (40, 180, 60), "lesion": (200, 40, 40)}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A finished binary run (64 px, 2 head epochs, no augmentation) with a float32 TFLite export."""
+    """A finished binary run (tiny backbone, 64 px, 15 head epochs, no augmentation) with a float32 TFLite export."""
     root = tmp_path_factory.mktemp("evaluate")
     images = write_separable_folder(root / "images", per_class=30, classes=CLASSES)
     argv = ["--data-dir", str(images), "--output-dir", str(root / "runs"), "--name", "run", "--image-size", "64"]
-    argv += ["--batch-size", "4", "--augment", "none", "--head-epochs", "2", "--finetune-epochs", "0"]
+    argv += ["--batch-size", "4", "--augment", "none", "--head-epochs", "15", "--finetune-epochs", "0", *TINY]
     run = train(config_from_args(build_parser().parse_args([*argv, "--set", "train.head_lr=0.01"])))
     export_run(run, formats=["float32"], metadata=False, latency_runs=2)
     return run

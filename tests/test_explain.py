@@ -76,6 +76,7 @@ FAMILIES = {
     "efficientnetv2_b0": ("efficientnetv2_b1", "efficientnetv2_b2", "efficientnetv2_b3"),
     "resnet50_v2": (),
     "convnext_tiny": (),
+    "tiny": (),
 }
 
 

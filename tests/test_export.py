@@ -48,10 +48,17 @@ def test_every_format_is_written_and_passes_the_gate(exported):
     for fmt in TFLITE:
         assert formats[fmt]["size_bytes"] == (out / f"model_{fmt}.tflite").stat().st_size
         assert formats[fmt]["latency_ms"] > 0
-    # What each format is for: float16 halves the weights, dynamic and int8 quarter them.
-    assert formats["float16"]["size_bytes"] < 0.6 * formats["float32"]["size_bytes"]
-    assert formats["int8"]["size_bytes"] < 0.35 * formats["float32"]["size_bytes"]
-    assert formats["dynamic"]["size_bytes"] < 0.35 * formats["float32"]["size_bytes"]
+    # What each format is for: float16 stores the weights in half precision, dynamic and int8 in 8 bits. The
+    # tiny test backbone has about 10 k weights, so the files' fixed part (graph, signatures, metadata) hides the
+    # 1/2 and 1/4 of their sizes (the README's table shows them for Lite0); the order of the sizes stays.
+    sizes = {fmt: formats[fmt]["size_bytes"] for fmt in TFLITE}
+    assert sizes["int8"] < sizes["float16"] < sizes["float32"] and sizes["dynamic"] < sizes["float16"]
+    dtypes = {
+        fmt: {detail["dtype"] for detail in tf.lite.Interpreter(str(out / f"model_{fmt}.tflite")).get_tensor_details()}
+        for fmt in TFLITE
+    }
+    assert np.float16 in dtypes["float16"] and not {np.float16, np.int8} & dtypes["float32"]
+    assert np.int8 in dtypes["dynamic"] and np.int8 in dtypes["int8"]
     # The int8 file takes camera bytes directly and returns uint8 scores MediaPipe can read.
     assert (formats["int8"]["input_dtype"], formats["int8"]["output_dtype"]) == ("uint8", "uint8")
     assert formats["int8"]["input_quantization"] == pytest.approx([1.0, 0.0], abs=1e-3)

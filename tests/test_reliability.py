@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_separable_folder
+from conftest import TINY, write_separable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Phase 1 is epochs 0-1 (on cached features), phase 2 epochs 2-4.
-TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--augment", "none"]
+SMALL = ["--image-size", "32", "--batch-size", "4", "--augment", "none", *TINY]
 EPOCHS = ["--head-epochs", "2", "--finetune-epochs", "3"]
 
 
@@ -85,7 +85,7 @@ def interrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("interrupted")
     images = write_separable_folder(root / "images", per_class=8, size=32)
     output = root / "runs"
-    argv = command(images, output) + ["--name", "run", *TINY, *EPOCHS]
+    argv = command(images, output) + ["--name", "run", *SMALL, *EPOCHS]
     run_dir = output / "run"
     kill_when(argv, lambda: (run_dir / "checkpoints" / "phase1.done").exists())
     kill_when(argv, lambda: backup_epoch(run_dir) is not None)
@@ -95,7 +95,7 @@ def interrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
 def copy_of(interrupted, tmp_path: Path) -> tuple[list[str], Path]:
     images, output, _ = interrupted
     shutil.copytree(output, tmp_path / "runs", symlinks=True)
-    return command(images, tmp_path / "runs") + ["--name", "run", *TINY, *EPOCHS], tmp_path / "runs" / "run"
+    return command(images, tmp_path / "runs") + ["--name", "run", *SMALL, *EPOCHS], tmp_path / "runs" / "run"
 
 
 def test_killed_twice_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path):
@@ -149,7 +149,10 @@ def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_
     argv, run_dir = copy_of(interrupted, tmp_path)
     backup = run_dir / "checkpoints" / "phase2_backup"
     before = {p.name: p.read_bytes() for p in backup.iterdir()}
-    limit = 2 * 1024 * 1024  # below one backup file, above every small file of the run
+    weights = max(path.stat().st_size for path in backup.glob("*.h5"))
+    limit = weights // 2  # below one backup file, above every small file of the run
+    small = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".h5", ".keras")]
+    assert all(p.stat().st_size < limit for p in small), [(p.name, p.stat().st_size) for p in small]
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
