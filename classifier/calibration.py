@@ -26,7 +26,7 @@ import numpy as np
 
 from classifier import atomic
 from classifier.errors import UserError
-from classifier.run import Run, find_beside_model
+from classifier.run import MODEL_FILE, Run, find_beside_model
 
 # The search range of T. Wide enough for a network whose logits are ten times too large (T near 10) and for the
 # sharpening label smoothing calls for (T near 0.5); at the ends the probabilities are all 0/1 or all equal.
@@ -126,7 +126,7 @@ def logits_model(model):
     if head is None or getattr(head, "activation", None) is not keras.activations.linear:
         raise UserError(
             f"model '{model.name}' has no logits layer '{LOGITS_LAYER}' (a Dense layer without activation): "
-            "temperature scaling needs a model.keras written by this toolkit's training (train it again)"
+            f"temperature scaling needs a {MODEL_FILE} written by this toolkit's training (train it again)"
         )
     return keras.Model(model.input, head.output, name="logits")
 

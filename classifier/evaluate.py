@@ -43,7 +43,7 @@ from classifier.predict import (
     run_decoding_with,
     run_resize_mode,
 )
-from classifier.run import EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
+from classifier.run import CALIBRATION_FILE, EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
 
 SCHEMA_VERSION = 1
 REPORT_FILE = EVALUATION_REPORT_FILE
@@ -285,7 +285,7 @@ def evaluate(
         raise UserError(f"run folder '{run_dir}' does not exist: pass --run-dir saved_models/<run>")
     if model is None:
         if run_dir is None:
-            raise UserError("no model: pass --model (model.keras, a SavedModel folder or a .tflite file)")
+            raise UserError(f"no model: pass --model ({MODEL_FILE}, a SavedModel folder or a .tflite file)")
         model = Run(run_dir).model_path
         if not model.is_file():
             raise UserError(f"run folder '{run_dir}' has no {MODEL_FILE}: let training finish, or pass --model")
@@ -505,7 +505,7 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def _calibration_line(calibration: dict | None) -> str:
     if calibration is None:
-        return "(no calibration.json for this model: probabilities as the network gives them)"
+        return f"(no {CALIBRATION_FILE} for this model: probabilities as the network gives them)"
     return (
         f"calibrated with temperature {calibration['temperature']:.3g}: ECE {calibration['ece_before']:.3f} before, "
         f"{calibration['ece_after']:.3f} after; log loss {calibration['loss_before']:.3f} before "

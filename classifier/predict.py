@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier.errors import UserError, run_cli
-from classifier.run import Run
+from classifier.run import LABELS_FILE, Run
 
 FORMATS = ("csv", "json")
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -198,7 +198,7 @@ def class_labels(predictor) -> list[str]:
     if predictor.labels:
         return list(predictor.labels)
     print(
-        f"note: no labels found for {predictor.path} (put the run's labels.txt beside it); showing class indices",
+        f"note: no labels found for {predictor.path} (put the run's {LABELS_FILE} beside it); showing class indices",
         file=sys.stderr,
     )
     return [f"class_{index}" for index in range(predictor.num_classes)]

@@ -54,7 +54,7 @@ def load_schema() -> Any:
             f"that ships in the 'mediapipe' package, which failed to import ({error}): "
             "run pip install mediapipe==1.2.2 (a dependency of this project: pip install -e . restores it), "
             "or export with --no-metadata "
-            "to write .tflite files without embedded labels (labels.txt is still written beside them)"
+            f"to write .tflite files without embedded labels ({LABELS_FILE} is still written beside them)"
         ) from error
     return metadata_schema_py_generated
 

@@ -1007,7 +1007,7 @@ def _calibrate(model: keras.Model, ctx: _Context, logits: dict) -> tuple[keras.M
         print(
             f"Calibration: temperature {temperature:.3g} fitted on {record['count']} validation images: ECE "
             f"{record['ece_before']:.3f} -> {record['ece_after']:.3f}, NLL {record['nll_before']:.3f} -> "
-            f"{record['nll_after']:.3f}. model.keras and every export give the calibrated probabilities."
+            f"{record['nll_after']:.3f}. {MODEL_FILE} and every export give the calibrated probabilities."
         )
     return calibrated, record
 
