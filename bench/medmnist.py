@@ -11,7 +11,6 @@ Usage: python bench/medmnist.py [--image-size 128] [--epochs 4] [--keep DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ def main() -> int:
         write_folders(arrays, images)
 
     sys.path.insert(0, str(ROOT))
+    from classifier.run import Run
     from classifier.train import build_parser, config_from_args, train
 
     argv = ["--data-dir", str(images), "--output-dir", str(work / "runs"), "--name", "pneumonia", "--overwrite"]
@@ -70,7 +70,7 @@ def main() -> int:
     started = time.perf_counter()
     run_dir = train(config_from_args(build_parser().parse_args(argv)), overwrite=True)
     seconds = time.perf_counter() - started
-    test = json.loads((run_dir / "metrics.json").read_text())["test"]
+    test = Run(run_dir).read_metrics()["test"]
 
     base_accuracy, base_auc = pixel_baseline(arrays)
     print(f"\nPneumoniaMNIST test split ({test['count']} images), efficientnet_lite0 at {args.image_size} px, ")

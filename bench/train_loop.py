@@ -20,7 +20,6 @@ Ratios above 1.0 mean the product is faster.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -39,6 +38,7 @@ from PIL import Image  # noqa: E402
 from classifier import augment, data, demo_data  # noqa: E402
 from classifier.config import AugmentConfig, Config  # noqa: E402
 from classifier.model import build_classifier, freeze_backbone, unfreeze_backbone  # noqa: E402
+from classifier.run import Run  # noqa: E402
 from classifier.train import train  # noqa: E402
 
 OLD_HEAD_EPOCHS = 5  # the product's phase 1 before it trained on cached features
@@ -103,9 +103,9 @@ def product_loop(folder: Path, root: Path, size: int, epochs: int, seed: int) ->
             "run": {"output_dir": str(root / "runs"), "name": "bench"},
         }
     )
-    run_dir = train(config)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    split = data.read_split(run_dir / data.SPLIT_FILE)
+    run = Run(train(config))
+    metrics = run.read_metrics()
+    split = data.read_split(run.split_path)
     return metrics["throughput"], len(split.train)
 
 
@@ -120,7 +120,7 @@ def main() -> int:
     try:
         folder = make_folder(root, args.images, args.seed)
         product, n_train = product_loop(folder, root, args.size, args.epochs, args.seed)
-        split = data.read_split(root / "runs" / "bench" / data.SPLIT_FILE)
+        split = data.read_split(Run(root / "runs" / "bench").split_path)
         blocks = Config().train.unfreeze_blocks
         plain1, plain2 = plain_loop(split, args.size, args.epochs, blocks, args.seed)
     finally:

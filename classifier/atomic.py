@@ -23,7 +23,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; on success renames it to `path`, on any error removes it.
 
     Example:
-        with atomic.replacing(run_dir / "model.keras") as temporary:
+        with atomic.replacing(run.model_path) as temporary:
             model.save(temporary)
     """
     path = Path(path)

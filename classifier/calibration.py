@@ -26,9 +26,8 @@ import numpy as np
 
 from classifier import atomic
 from classifier.errors import UserError
-from classifier.operating_point import find_beside_model
+from classifier.run import MODEL_FILE, Run, find_beside_model
 
-FILE_NAME = "calibration.json"
 # The search range of T. Wide enough for a network whose logits are ten times too large (T near 10) and for the
 # sharpening label smoothing calls for (T near 0.5); at the ends the probabilities are all 0/1 or all equal.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
@@ -127,7 +126,7 @@ def logits_model(model):
     if head is None or getattr(head, "activation", None) is not keras.activations.linear:
         raise UserError(
             f"model '{model.name}' has no logits layer '{LOGITS_LAYER}' (a Dense layer without activation): "
-            "temperature scaling needs a model.keras written by this toolkit's training (train it again)"
+            f"temperature scaling needs a {MODEL_FILE} written by this toolkit's training (train it again)"
         )
     return keras.Model(model.input, head.output, name="logits")
 
@@ -176,7 +175,7 @@ def write_calibration(folder: str | os.PathLike, record: dict) -> Path:
     """Writes `record` (from `calibration_record`, plus subset and class_names) as `folder/calibration.json`."""
     missing = [key for key in KEYS if key not in record]
     assert not missing, f"calibration record lacks {missing}"
-    path = Path(folder) / FILE_NAME
+    path = Run(folder).calibration_path
     atomic.write_json(path, {**record, "created": datetime.now(UTC).isoformat(timespec="seconds")})
     return path
 
@@ -189,7 +188,7 @@ def read_calibration(path_or_dir: str | os.PathLike) -> dict | None:
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / FILE_NAME
+        path = Run(path).calibration_path
     if not path.is_file():
         return None
     try:
@@ -211,4 +210,4 @@ def read_calibration(path_or_dir: str | os.PathLike) -> dict | None:
 
 def find_calibration(model_path: str | os.PathLike) -> dict | None:
     """The calibration record that belongs to a model file: beside it (export/) or in the run folder above it."""
-    return find_beside_model(model_path, read_calibration)
+    return find_beside_model(model_path, lambda run: read_calibration(run.calibration_path))

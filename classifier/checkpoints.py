@@ -25,8 +25,8 @@ import keras
 import numpy as np
 
 from classifier import atomic
+from classifier.run import BEST_RECORD
 
-BEST_RECORD = "best.json"
 BACKUP_FOLDER = "phase2_backup"
 BACKUP_RECORD = "state.json"
 

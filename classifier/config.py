@@ -8,7 +8,6 @@ as `config.yaml` into the run folder, so a run can always be reproduced and resu
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from classifier import atomic
 from classifier.budget import parse_duration
 from classifier.dicom import parse_window
 from classifier.errors import UserError
@@ -376,26 +376,9 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     return content
 
 
-def run_setting(run_dir: str | Path | None, section: str, key: str) -> Any:
-    """One setting from a run folder's `config.yaml`, or None when there is no run folder, no config or no value.
-
-    The file is read with `yaml.safe_load` (no Python objects are built from a file someone else may have written).
-
-    Raises:
-        UserError: the run's config.yaml is not valid YAML or not a mapping, naming the file.
-    """
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
-        return None
-    section_values = load_yaml(Path(run_dir) / "config.yaml").get(section)
-    return section_values.get(key) if isinstance(section_values, dict) else None
-
-
 def save_yaml(config: Config, path: str | Path) -> None:
     """Writes the resolved config (all sections, all keys) as YAML."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(temporary, path)  # never a half-written config.yaml, which would block resuming
+    atomic.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))  # a half one would block resuming
 
 
 def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:

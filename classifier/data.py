@@ -50,14 +50,14 @@ import tensorflow as tf
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from classifier import dicom
+from classifier import atomic, dicom
 from classifier.config import parse_group_by
 from classifier.errors import UserError
+from classifier.run import SPLIT_FILE, Run
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )  # all read by the Pillow build this project pins (WebP and libtiff are compiled into its wheels)
-SPLIT_FILE = "split.json"
 RESIZE_MODES = ("stretch", "crop")
 SUBSETS = ("train", "val", "test")
 # Classes count as imbalanced when the largest training class has more than this many times the images of the
@@ -120,13 +120,13 @@ class Decoding:
         )
 
 
-def run_decoding(run_dir: str | os.PathLike | None) -> Decoding:
+def run_decoding(run: Run | None) -> Decoding:
     """The decoding settings a run trained with (its config.yaml), or the defaults when there is no run."""
-    from classifier.config import run_setting  # config imports dicom, as this module does
-
+    if run is None:
+        return Decoding()
     return Decoding(
-        dicom_window=str(run_setting(run_dir, "data", "dicom_window") or "auto"),
-        dicom_frames=str(run_setting(run_dir, "data", "dicom_frames") or "first"),
+        dicom_window=str(run.setting("data", "dicom_window") or "auto"),
+        dicom_frames=str(run.setting("data", "dicom_frames") or "first"),
     )
 
 
@@ -785,10 +785,7 @@ def write_split(split: Split, path: str | os.PathLike) -> None:
         split: The split.
         path: Target file, usually `<run folder>/split.json`.
     """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(split.to_json(), indent=1))
-    os.replace(temporary, path)
+    atomic.write_text(path, json.dumps(split.to_json(), indent=1))
 
 
 def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Split:
@@ -866,7 +863,7 @@ def prepare_split(
     Raises:
         UserError: see `scan_folder` and `split_scan`; also when there is no split.json and no data_dir.
     """
-    manifest = Path(run_dir) / SPLIT_FILE
+    manifest = Run(run_dir).split_path
     if manifest.exists():
         split = read_split(manifest, root=data_dir)
         requested = {"val": val_fraction, "test": test_fraction}

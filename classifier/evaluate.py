@@ -32,21 +32,21 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import atomic
 from classifier import calibration as calibration_lib
 from classifier import operating_point as op_lib
-from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
 from classifier.predict import (
     add_dicom_arguments,
-    find_run_dir,
     open_model,
     predict_files,
     run_decoding_with,
     run_resize_mode,
 )
+from classifier.run import CALIBRATION_FILE, EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
 
 SCHEMA_VERSION = 1
-REPORT_FILE = "evaluation.json"
+REPORT_FILE = EVALUATION_REPORT_FILE
 PREDICTIONS_FILE = "predictions.csv"
 FIGURES = {
     "confusion_matrix": "confusion_matrix.png",
@@ -130,9 +130,9 @@ def _images_from_folder(
     return scan.root, scan.images["all"], scan.class_names, scan.skipped
 
 
-def _run_image_size(run_dir: Path | None) -> int | None:
+def _run_image_size(run: Run | None) -> int | None:
     """data.image_size from a run's config.yaml, or None."""
-    size = run_setting(run_dir, "data", "image_size")
+    size = run.setting("data", "image_size") if run is not None else None
     return int(size) if size is not None else None
 
 
@@ -167,7 +167,7 @@ def _resolve_point(point: dict | None, class_names: list[str], positive_class: s
 
 def choose_threshold(
     predictor,
-    run_dir: Path,
+    run: Run,
     method: str,
     *,
     positive_class: str | None = None,
@@ -180,7 +180,7 @@ def choose_threshold(
 
     Args:
         predictor: The model (an `inference.Predictor`).
-        run_dir: Run folder with split.json.
+        run: The run, with split.json.
         method: "youden" or "sensitivity:T" (`operating_point.parse_method`).
         positive_class: Name of the positive class; default the second class.
         resize_mode: As in training.
@@ -198,7 +198,7 @@ def choose_threshold(
     from classifier import data
 
     name, target = op_lib.parse_method(method)
-    split = data.read_split(run_dir / data.SPLIT_FILE)
+    split = data.read_split(run.split_path)
     op_lib.resolve_positive_class(split.class_names, positive_class)  # fail before predicting on a bad name
     paths = [str(Path(split.root) / rel) for rel, _ in split.val]
     probabilities, errors = predict_files(
@@ -207,7 +207,7 @@ def choose_threshold(
         resize_mode=resize_mode,
         batch_size=batch_size,
         description="validation",
-        decoding=decoding or data.run_decoding(run_dir),
+        decoding=decoding or data.run_decoding(run),
     )
     if errors:
         first = next(iter(errors.items()))
@@ -285,12 +285,12 @@ def evaluate(
         raise UserError(f"run folder '{run_dir}' does not exist: pass --run-dir saved_models/<run>")
     if model is None:
         if run_dir is None:
-            raise UserError("no model: pass --model (model.keras, a SavedModel folder or a .tflite file)")
-        model = run_dir / "model.keras"
+            raise UserError(f"no model: pass --model ({MODEL_FILE}, a SavedModel folder or a .tflite file)")
+        model = Run(run_dir).model_path
         if not model.is_file():
-            raise UserError(f"run folder '{run_dir}' has no model.keras: let training finish, or pass --model")
+            raise UserError(f"run folder '{run_dir}' has no {MODEL_FILE}: let training finish, or pass --model")
     model = Path(model)
-    settings_run = run_dir or find_run_dir(model)
+    settings_run = Run(run_dir) if run_dir is not None else Run.of_model(model)
     resize_mode = resize_mode or run_resize_mode(settings_run) or "stretch"
     decoding = run_decoding_with(settings_run, dicom_window, dicom_frames)
     predictor = open_model(model, threads)
@@ -305,14 +305,14 @@ def evaluate(
     if data_dir is not None:
         root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset, decoding)
         class_names = predictor.labels or (
-            data.read_split(settings_run / data.SPLIT_FILE).class_names
-            if settings_run is not None and (settings_run / data.SPLIT_FILE).is_file()
+            data.read_split(settings_run.split_path).class_names
+            if settings_run is not None and settings_run.split_path.is_file()
             else folder_classes
         )
         items = _map_labels(items, folder_classes, list(class_names), root)
         source, subset_name = "folder", subset or ("test" if Path(root, "test").is_dir() else "all")
     else:
-        split = data.read_split(run_dir / data.SPLIT_FILE)
+        split = data.read_split(settings_run.split_path)
         subset_name = subset if subset not in (None, "all") else "test"
         items, class_names, skipped, root, source = split.subset(subset_name), split.class_names, [], split.root, "run"
         if not items:
@@ -335,10 +335,10 @@ def evaluate(
         op_lib.resolve_positive_class(class_names, positive_class)
 
     if threshold_method is not None:
-        if settings_run is None or not (settings_run / data.SPLIT_FILE).is_file():
+        if settings_run is None or not settings_run.split_path.is_file():
             raise UserError(
                 "--choose-threshold needs the run's validation split: pass --run-dir saved_models/<run> (with "
-                "split.json)"
+                f"{SPLIT_FILE})"
             )
         point = choose_threshold(
             predictor,
@@ -357,7 +357,7 @@ def evaluate(
     else:
         point = op_lib.find_operating_point(model)
         if point is None and settings_run is not None:
-            point = op_lib.read_operating_point(settings_run)
+            point = op_lib.read_operating_point(settings_run.operating_point_path)
     point = _resolve_point(point, class_names, positive_class)
     if len(class_names) == 2:
         positive_index = (
@@ -397,8 +397,8 @@ def evaluate(
         suffix = "" if source == "run" and subset_name == "test" else f"-{subset_name}"
         if source == "folder":
             suffix = f"-{Path(root).name}" + ("" if subset_name == "all" else f"-{subset_name}")
-        base = settings_run if settings_run is not None else model.resolve().parent
-        output_dir = base / "evaluation" / f"{_model_name(model, predictor.kind)}{suffix}"
+        base = settings_run if settings_run is not None else Run(model.resolve().parent)
+        output_dir = base.evaluation_dir / f"{_model_name(model, predictor.kind)}{suffix}"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -449,9 +449,7 @@ def evaluate(
     report["model"]["resize_mode"] = resize_mode
     report["model"]["decoding"] = dataclasses.asdict(decoding)
     report = {key: report[key] for key in JSON_KEYS}
-    temporary = output_dir / f".{REPORT_FILE}.partial"
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(output_dir / REPORT_FILE)
+    atomic.write_text(output_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -507,7 +505,7 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 def _calibration_line(calibration: dict | None) -> str:
     if calibration is None:
-        return "(no calibration.json for this model: probabilities as the network gives them)"
+        return f"(no {CALIBRATION_FILE} for this model: probabilities as the network gives them)"
     return (
         f"calibrated with temperature {calibration['temperature']:.3g}: ECE {calibration['ece_before']:.3f} before, "
         f"{calibration['ece_after']:.3f} after; log loss {calibration['loss_before']:.3f} before "

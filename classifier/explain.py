@@ -25,11 +25,11 @@ from classifier.predict import (
     collect_inputs,
     decision_function,
     decision_rule,
-    find_run_dir,
     open_model,
     run_decoding_with,
     run_resize_mode,
 )
+from classifier.run import Run
 
 
 def explain(
@@ -79,8 +79,8 @@ def explain(
             "holding images, or quoted glob patterns such as 'scans/**/*.png'"
         )
     output = gradcam.prepare_output_dir(output)
-    run_dir = find_run_dir(model)
-    decoding = run_decoding_with(run_dir, dicom_window, dicom_frames)
+    run = Run.of_model(model)
+    decoding = run_decoding_with(run, dicom_window, dicom_frames)
     files = [ref for path in files for ref in data.frame_refs(path, decoding)]
     predictor = open_model(model)
     labels = class_labels(predictor)
@@ -97,7 +97,7 @@ def explain(
         labels,
         classes=chosen,
         decide=decision_function(rule),
-        resize_mode=resize_mode or run_resize_mode(run_dir) or "stretch",
+        resize_mode=resize_mode or run_resize_mode(run) or "stretch",
         decoding=decoding,
         batch_size=batch_size,
         on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),

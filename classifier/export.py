@@ -50,15 +50,15 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier import atomic, runlock
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
-from classifier import operating_point, runlock
-from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
+from classifier.run import EXPORT_REPORT_FILE, LABELS_FILE, MODEL_FILE, SPLIT_FILE, Run
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
 TFLITE_FORMATS = ("float32", "float16", "dynamic", "int8")
 SAVED_MODEL_DIR = "saved_model"
-REPORT_FILE = "export_report.json"
+REPORT_FILE = EXPORT_REPORT_FILE
 
 
 def tflite_file_name(fmt: str) -> str:
@@ -152,6 +152,7 @@ def export_run(
     from classifier.benchmark import model_size
 
     run_dir = Path(run_dir)
+    run = Run(run_dir)
     formats = _check_formats(formats)
     if calibration_images < 1:
         raise UserError(f"--calibration-images {calibration_images}: give at least 1 (a few hundred is typical)")
@@ -159,12 +160,12 @@ def export_run(
         raise UserError(
             f"--threads {num_threads} / --latency-runs {latency_runs}: give 1 or more of each (defaults 2 and 50)"
         )
-    model_path, split_path = run_dir / "model.keras", run_dir / "split.json"
+    model_path, split_path = run.model_path, run.split_path
     for required in (model_path, split_path):
         if not required.is_file():
             raise UserError(
                 f"'{required}' does not exist: --run-dir must be a run folder written by `python train.py` "
-                "(with model.keras and split.json)"
+                f"(with {MODEL_FILE} and {SPLIT_FILE})"
             )
     if metadata and any(f in TFLITE_FORMATS for f in formats):
         tflite_metadata.load_schema()  # fail now, before minutes of conversion, if mediapipe is missing
@@ -174,22 +175,27 @@ def export_run(
     model = keras.models.load_model(model_path, compile=False)
     image_size, num_classes = int(model.input_shape[1]), int(model.output_shape[-1])
     split = data.read_split(split_path)
-    labels = _read_labels(run_dir, split.class_names, num_classes)
-    resize_mode = _resize_mode(run_dir)
-    decoding = data.run_decoding(run_dir)  # DICOM window: calibration and parity read pixels as training did
+    labels = _read_labels(run, split.class_names, num_classes)
+    resize_mode = run.setting("data", "resize_mode") or "stretch"  # test images resized as in training
+    decoding = data.run_decoding(run)  # DICOM window: calibration and parity read pixels as training did
     subset = "test" if split.test else "val"
     if not getattr(split, subset):
         raise UserError(
             f"split '{split_path}' has no test or validation images, so the exported files cannot be checked "
             "against the Keras model: train with --set data.test_fraction=0.15 (the default) on more images"
         )
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else run.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "labels.txt", "".join(f"{label}\n" for label in labels).encode())
+    shipped = Run(out_dir)  # laid out like the run folder, so a model there finds its labels and records
+    shipped.write_labels(labels)
     # The temperature and the two-class decision threshold travel with the files (evaluate and predict read them).
-    for name in (calibration_lib.FILE_NAME, operating_point.FILE_NAME):
-        if (run_dir / name).exists():
-            _write_atomic(out_dir / name, (run_dir / name).read_bytes())
+    for source, copy in (
+        (run.calibration_path, shipped.calibration_path),
+        (run.operating_point_path, shipped.operating_point_path),
+    ):
+        if source.exists():
+            with atomic.replacing(copy) as temporary:
+                shutil.copyfile(source, temporary)
 
     # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
     # so a re-export that fails never replaces a file that passed before.
@@ -230,7 +236,7 @@ def export_run(
         probs, keras_probs, y_true, signature_check = _run_all(model, predictors, dataset, batch_size)
         keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
         report_formats: dict[str, dict] = {
-            "keras": {"file": "model.keras", "size_bytes": model_path.stat().st_size, "accuracy": keras_accuracy}
+            "keras": {"file": model_path.name, "size_bytes": model_path.stat().st_size, "accuracy": keras_accuracy}
         }
         failures = []
         for fmt, path in files.items():
@@ -284,7 +290,7 @@ def export_run(
         "passed": not failures,
         "failures": failures,
     }
-    _write_atomic(out_dir / REPORT_FILE, (json.dumps(report, indent=2) + "\n").encode())
+    atomic.write_text(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -375,25 +381,18 @@ def _check_formats(formats: Sequence[str]) -> list[str]:
     return [f for f in FORMATS if f in formats]
 
 
-def _read_labels(run_dir: Path, class_names: list[str], num_classes: int) -> list[str]:
+def _read_labels(run: Run, class_names: list[str], num_classes: int) -> list[str]:
     """Class names from the run's labels.txt (else split.json), checked against the model's outputs."""
-    labels_path = run_dir / "labels.txt"
-    if labels_path.is_file():
-        labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
+    labels = run.read_labels()
+    if labels is None:
         labels = list(class_names)
     if len(labels) != num_classes:
         raise UserError(
-            f"{labels_path if labels_path.is_file() else 'split.json'} names {len(labels)} classes but "
-            f"{run_dir / 'model.keras'} has {num_classes} outputs: the run folder mixes files of different runs; "
-            "train again or restore the run's own labels.txt"
+            f"{run.labels_path if run.labels_path.is_file() else SPLIT_FILE} names {len(labels)} classes but "
+            f"{run.model_path} has {num_classes} outputs: the run folder mixes files of different runs; "
+            f"train again or restore the run's own {LABELS_FILE}"
         )
     return labels
-
-
-def _resize_mode(run_dir: Path) -> str:
-    """The run's data.resize_mode from config.yaml, so test images are resized as in training."""
-    return run_setting(run_dir, "data", "resize_mode") or "stretch"
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:

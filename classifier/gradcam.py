@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier.errors import UserError
+from classifier.run import MODEL_FILE, Run
 
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = strongest evidence, blue = none
 OVERLAY_ALPHA = 0.6  # opacity of the colour where the heatmap is 1; the image shows through where it is 0
@@ -45,10 +46,10 @@ def refuse_unexplainable(model_path: str | os.PathLike) -> None:
         kind = "a SavedModel"
     else:
         return
-    hint = "pass the model.keras of the run that made it"
-    for folder in (path.resolve().parent, path.resolve().parent.parent):
-        if (folder / "model.keras").is_file():
-            hint = f"explain its run's Keras model instead: --model {folder / 'model.keras'}"
+    hint = f"pass the {MODEL_FILE} of the run that made it"
+    for run in Run.beside_model(path):
+        if run.model_path.is_file():
+            hint = f"explain its run's Keras model instead: --model {run.model_path}"
             break
     raise UserError(
         f"'{path}' is {kind}: TFLite and SavedModel files cannot be explained (Grad-CAM needs the gradients of the "

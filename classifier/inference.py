@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from classifier.errors import UserError
+from classifier.run import LABELS_FILE, MODEL_FILE, Run
 
 KINDS = ("keras", "saved_model", "tflite")
-ACCEPTED = "a Keras model file (model.keras), a SavedModel folder (with saved_model.pb inside) or a .tflite file"
-LABELS_FILE_NAME = "labels.txt"
+ACCEPTED = f"a Keras model file ({MODEL_FILE}), a SavedModel folder (with saved_model.pb inside) or a .tflite file"
 
 
 class Predictor:
@@ -236,14 +236,13 @@ def _unreadable(path: Path, error: Exception) -> str:
 
 def _labels_beside(path: Path, num_classes: int) -> list[str] | None:
     """Reads labels.txt from the model's folder or its parent (the run folder), checking the class count."""
-    folder = path.parent
-    for candidate in (folder / LABELS_FILE_NAME, folder.parent / LABELS_FILE_NAME):
-        if candidate.is_file():
-            labels = [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for run in Run.beside_model(path):
+        labels = run.read_labels()
+        if labels is not None:
             if len(labels) != num_classes:
                 raise UserError(
-                    f"labels file '{candidate}' has {len(labels)} names but model '{path}' has {num_classes} "
-                    "outputs: put the labels.txt of the run that trained this model beside it"
+                    f"labels file '{run.labels_path}' has {len(labels)} names but model '{path}' has {num_classes} "
+                    f"outputs: put the {LABELS_FILE} of the run that trained this model beside it"
                 )
             return labels
     return None

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from classifier import atomic
 from classifier.errors import UserError
+from classifier.run import OPERATING_POINT_FILE, Run, find_beside_model
 
-FILE_NAME = "operating_point.json"
+FILE_NAME = OPERATING_POINT_FILE
 METHODS = ("youden", "sensitivity")
 # Keys every operating_point.json has (the file may carry more).
 KEYS = (
@@ -190,10 +192,8 @@ def write_operating_point(run_dir: str | os.PathLike, point: dict) -> Path:
     """Writes `point` (from `operating_point_for`) as `run_dir/operating_point.json`, atomically; returns the path."""
     missing = [key for key in KEYS if key not in point]
     assert not missing, f"operating point lacks {missing}"
-    path = Path(run_dir) / FILE_NAME
-    temporary = path.with_name(f".{FILE_NAME}.partial")
-    temporary.write_text(json.dumps(point, indent=2) + "\n")
-    os.replace(temporary, path)
+    path = Run(run_dir).operating_point_path
+    atomic.write_text(path, json.dumps(point, indent=2) + "\n")
     return path
 
 
@@ -211,7 +211,7 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
     """
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / FILE_NAME
+        path = Run(path).operating_point_path
     if not path.is_file():
         return None
     try:
@@ -230,17 +230,6 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
     return point
 
 
-def find_beside_model(model_path: str | os.PathLike, read) -> dict | None:
-    """The first record `read(folder)` finds for a model file: beside it (export/) or in the run folder above it.
-    Shared by the operating point and the calibration record, which travel with a model the same way."""
-    model_path = Path(model_path).resolve()
-    for folder in (model_path.parent, model_path.parent.parent):
-        record = read(folder)
-        if record is not None:
-            return record
-    return None
-
-
 def find_operating_point(model_path: str | os.PathLike) -> dict | None:
     """The operating point that belongs to a model file: beside it (export/) or in the run folder above it."""
-    return find_beside_model(model_path, read_operating_point)
+    return find_beside_model(model_path, lambda run: read_operating_point(run.operating_point_path))

@@ -18,7 +18,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
-TRAINING_CURVES_FILE = "training_curves.png"
+from classifier.run import Run  # noqa: E402
+
 DPI = 120
 # (title, train column, validation column) of each panel of the training curves.
 _PANELS = (
@@ -110,8 +111,8 @@ def plot_training_curves(run_dir: str | os.PathLike, output: str | os.PathLike |
     """
     from classifier.errors import UserError
 
-    run_dir = Path(run_dir)
-    history_path = run_dir / "history.csv"
+    run = Run(run_dir)
+    history_path = run.history_path
     rows = _read_history(history_path) if history_path.is_file() else []
     if not rows:
         raise UserError(
@@ -142,9 +143,9 @@ def plot_training_curves(run_dir: str | os.PathLike, output: str | os.PathLike |
     for axis in axes[1]:
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.suptitle(f"Training curves: {run_dir.resolve().name}")
+    figure.suptitle(f"Training curves: {run.root.resolve().name}")
     figure.tight_layout()
-    return save_figure(figure, Path(output) if output is not None else run_dir / TRAINING_CURVES_FILE)
+    return save_figure(figure, Path(output) if output is not None else run.training_curves_path)
 
 
 def plot_confusion_matrices(

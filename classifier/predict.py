@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.config import run_setting
 from classifier.errors import UserError, run_cli
+from classifier.run import LABELS_FILE, Run
 
 FORMATS = ("csv", "json")
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -39,23 +39,14 @@ _GLOB_CHARACTERS = frozenset("*?[")
 _READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-def find_run_dir(model_path: str | os.PathLike) -> Path | None:
-    """The training run folder a model file belongs to (model.keras in it, or export/<file> below it), or None."""
-    model_path = Path(model_path).resolve()
-    for folder in (model_path.parent, model_path.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder
-    return None
-
-
-def run_resize_mode(run_dir: str | os.PathLike | None) -> str | None:
+def run_resize_mode(run: Run | None) -> str | None:
     """data.resize_mode from a run's config.yaml, or None when there is no run config."""
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+    if run is None or not run.config_path.is_file():
         return None
-    return run_setting(run_dir, "data", "resize_mode") or "stretch"
+    return run.setting("data", "resize_mode") or "stretch"
 
 
-def run_decoding_with(run_dir: str | os.PathLike | None, dicom_window: str | None, dicom_frames: str | None):
+def run_decoding_with(run: Run | None, dicom_window: str | None, dicom_frames: str | None):
     """The run's `data.Decoding` (defaults without a run), with the settings given on the command line replacing it.
 
     Raises:
@@ -63,7 +54,7 @@ def run_decoding_with(run_dir: str | os.PathLike | None, dicom_window: str | Non
     """
     from classifier import data
 
-    decoding = data.run_decoding(run_dir)
+    decoding = data.run_decoding(run)
     changes = {"dicom_window": dicom_window, "dicom_frames": dicom_frames}
     return dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
 
@@ -207,7 +198,7 @@ def class_labels(predictor) -> list[str]:
     if predictor.labels:
         return list(predictor.labels)
     print(
-        f"note: no labels found for {predictor.path} (put the run's labels.txt beside it); showing class indices",
+        f"note: no labels found for {predictor.path} (put the run's {LABELS_FILE} beside it); showing class indices",
         file=sys.stderr,
     )
     return [f"class_{index}" for index in range(predictor.num_classes)]
@@ -372,13 +363,13 @@ def predict(
         )
     from classifier import data
 
-    run_dir = find_run_dir(model)
-    decoding = run_decoding_with(run_dir, dicom_window, dicom_frames)
+    run = Run.of_model(model)
+    decoding = run_decoding_with(run, dicom_window, dicom_frames)
     files = [ref for path in files for ref in data.frame_refs(path, decoding)]
     predictor = open_model(model, threads)
     labels = class_labels(predictor)
     rule = decision_rule(predictor, labels, threshold, use_operating_point)
-    resize_mode = resize_mode or run_resize_mode(run_dir) or "stretch"
+    resize_mode = resize_mode or run_resize_mode(run) or "stretch"
     probabilities, errors = predict_files(
         predictor,
         files,

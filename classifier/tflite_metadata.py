@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from classifier.errors import UserError
+from classifier.run import LABELS_FILE, format_labels, parse_labels
 
 METADATA_FIELD_NAME = "TFLITE_METADATA"
 METADATA_FILE_IDENTIFIER = b"M001"
 MODEL_FILE_IDENTIFIER = b"TFL3"
 MIN_PARSER_VERSION = "1.0.0"
-LABELS_FILE_NAME = "labels.txt"
+LABELS_FILE_NAME = LABELS_FILE  # the run folder's name, as MediaPipe Model Maker names the file too
 
 
 def load_schema() -> Any:
@@ -53,7 +54,7 @@ def load_schema() -> Any:
             f"that ships in the 'mediapipe' package, which failed to import ({error}): "
             "run pip install mediapipe==1.2.2 (a dependency of this project: pip install -e . restores it), "
             "or export with --no-metadata "
-            "to write .tflite files without embedded labels (labels.txt is still written beside them)"
+            f"to write .tflite files without embedded labels ({LABELS_FILE} is still written beside them)"
         ) from error
     return metadata_schema_py_generated
 
@@ -163,7 +164,7 @@ def add_image_classifier_metadata(
     # Mode "a" on bytes that are not a zip appends a fresh archive at the end, as MetadataPopulator does.
     # Stored (uncompressed), as MediaPipe's in-memory zip reader expects.
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(LABELS_FILE_NAME, "".join(f"{label}\n" for label in labels))
+        archive.writestr(LABELS_FILE_NAME, format_labels(labels))
     return out.getvalue()
 
 
@@ -254,6 +255,6 @@ def read_labels(model: bytes) -> list[str] | None:
             name = LABELS_FILE_NAME if LABELS_FILE_NAME in names else (texts[0] if len(texts) == 1 else None)
             if name is None:
                 return None
-            return [line.strip() for line in archive.read(name).decode("utf-8").splitlines() if line.strip()]
+            return parse_labels(archive.read(name).decode("utf-8"))
     except zipfile.BadZipFile:
         return None

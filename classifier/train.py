@@ -19,7 +19,6 @@ import contextlib
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import shutil
@@ -52,9 +51,10 @@ from classifier import (
 from classifier import budget as budget_lib
 from classifier import checkpoints as checkpoints_lib
 from classifier import model as model_lib
-from classifier.config import Config, load_yaml, merge, parse_set, save_yaml
+from classifier.config import Config, load_yaml, merge, parse_set
 from classifier.errors import UserError, run_cli
 from classifier.metrics import classification_metrics
+from classifier.run import CALIBRATION_FILE, CONFIG_FILE, LOGS_FOLDER, MODEL_FILE, OPERATING_POINT_FILE, Run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +188,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # Run folder
 
 
-def _is_finished(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").exists()
-
-
 def _comparable(config_dict: dict) -> dict:
     """The settings that decide what a run computes (its name is not one of them), with the defaults of settings
     added since the run's config.yaml was written filled in.
@@ -210,17 +206,17 @@ def _auto_name(config: Config) -> str:
 def _latest_unfinished(output_dir: Path, matching: dict | None = None) -> Path | None:
     """The most recently changed unfinished run folder, optionally with the same settings as `matching`."""
     candidates = []
-    for config_file in output_dir.glob("*/config.yaml"):
-        run_dir = config_file.parent
-        if _is_finished(run_dir):
+    for config_file in output_dir.glob(f"*/{CONFIG_FILE}"):
+        run = Run(config_file.parent)
+        if run.is_finished():
             continue
         if matching is not None:
             try:
-                if _comparable(load_yaml(config_file)) != _comparable(matching):
+                if _comparable(run.read_settings()) != _comparable(matching):
                     continue
             except UserError:  # a damaged config.yaml: not a run this command can continue
                 continue
-        candidates.append((config_file.stat().st_mtime, run_dir))
+        candidates.append((config_file.stat().st_mtime, run.root))
     return max(candidates)[1] if candidates else None
 
 
@@ -244,22 +240,23 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             print(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
             return previous, True
     run_dir = output_dir / (config.run.name or _auto_name(config))
+    run = Run(run_dir)
     if not run_dir.exists() or all(path.name == runlock.LOCK_FILE for path in run_dir.iterdir()):
         return run_dir, False
-    if not (run_dir / "config.yaml").exists():
+    if not run.config_path.exists():
         raise UserError(
-            f"'{run_dir}' exists and is not a run folder (no config.yaml): choose another --name or --output-dir."
+            f"'{run_dir}' exists and is not a run folder (no {CONFIG_FILE}): choose another --name or --output-dir."
         )
     if overwrite:
         # Moved aside, not deleted: `train` deletes it once the new run is set up, or puts it back if not.
         os.replace(run_dir, run_dir.with_name(f".{run_dir.name}.replaced"))
         return run_dir, False
-    if _is_finished(run_dir):
+    if run.is_finished():
         raise UserError(
             f"run '{run_dir}' already exists and is finished: pass --overwrite to train it again, "
             "or --name NEW_NAME for a separate run."
         )
-    saved = _comparable(load_yaml(run_dir / "config.yaml"))
+    saved = _comparable(run.read_settings())
     if saved != _comparable(settings):
         changed = sorted(
             f"{section}.{key}"
@@ -288,12 +285,13 @@ def resume_run(resume: str, output_dir: str) -> tuple[Config, Path]:
             raise UserError(f"--resume: there is no unfinished run in '{output_dir}': start one without --resume.")
     else:
         run_dir = Path(resume)
-    if not (run_dir / "config.yaml").exists():
-        raise UserError(f"--resume {resume}: '{run_dir}' is not a run folder (no config.yaml): pass a run folder.")
-    if _is_finished(run_dir):
+    run = Run(run_dir)
+    if not run.config_path.exists():
+        raise UserError(f"--resume {resume}: '{run_dir}' is not a run folder (no {CONFIG_FILE}): pass a run folder.")
+    if run.is_finished():
         raise UserError(f"--resume {resume}: run '{run_dir}' is already finished; nothing to continue.")
     print(f"Continuing the interrupted run {run_dir} with its saved settings.")
-    return Config().replace(load_yaml(run_dir / "config.yaml")), run_dir
+    return run.read_config(), run_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,14 +491,17 @@ class _Context:
     def mode(self) -> str:
         return "min" if self.config.train.monitor.endswith("loss") else "max"
 
+    @property
+    def run(self) -> Run:
+        return Run(self.run_dir)
+
     def epoch_callbacks(self, phase: int) -> list[keras.callbacks.Callback]:
         """The callbacks of every epoch of both phases, in the order their logs need (history.csv last)."""
-        logs = self.run_dir / "logs"
         return [
             callbacks.LearningRateLogger(),
             callbacks.PhaseLogger(phase),
-            keras.callbacks.CSVLogger(self.run_dir / "history.csv", append=True),
-            callbacks.EpochScalars(logs),
+            keras.callbacks.CSVLogger(self.run.history_path, append=True),
+            callbacks.EpochScalars(self.run.logs),
             *self.extra_callbacks,
         ]
 
@@ -512,8 +513,8 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         The plan (its views possibly cut by the time budget, and where phase 2's epochs start) and throughput.
     """
     config, split, pipelines = ctx.config, ctx.split, ctx.pipelines
-    checkpoints = ctx.run_dir / "checkpoints"
-    (ctx.run_dir / "history.csv").unlink(missing_ok=True)  # a phase 1 cut short starts over: history from epoch 1
+    checkpoints = ctx.run.checkpoints
+    ctx.run.history_path.unlink(missing_ok=True)  # a phase 1 cut short starts over: history from epoch 1
     with ctx.strategy.scope():
         model_lib.freeze_backbone(model)
         extractor = features.feature_extractor(model)
@@ -556,7 +557,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         _compile(head, config, schedule, config.runtime.jit_compile, steps_per_execution=per_call)
     best = features.RestoreBest(config.train.monitor, ctx.mode)
     phase_callbacks = [best, *ctx.epoch_callbacks(phase=1)]
-    phase_callbacks.append(callbacks.AugmentedSamples(ctx.run_dir / "logs", pipelines.samples, split.class_names))
+    phase_callbacks.append(callbacks.AugmentedSamples(ctx.run.logs, pipelines.samples, split.class_names))
     if config.train.early_stopping_patience > 0:
         patience = config.train.early_stopping_patience
         phase_callbacks.append(keras.callbacks.EarlyStopping(config.train.monitor, patience=patience, mode=ctx.mode))
@@ -595,7 +596,7 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
         The phase's training throughput in images per second.
     """
     config = ctx.config
-    checkpoints = ctx.run_dir / "checkpoints"
+    checkpoints = ctx.run.checkpoints
     store = checkpoints_lib.BestStore(checkpoints)
     backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
     start, end = plan.finetune_start, plan.finetune_start + plan.finetune_epochs
@@ -613,7 +614,7 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
         start = restored
     # Rows of epochs about to run again (a kill after history.csv's row but before the backup, or a phase that
     # starts over) would be logged twice.
-    _trim_history(ctx.run_dir / "history.csv", before_epoch=start)
+    _trim_history(ctx.run.history_path, before_epoch=start)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     print(
         f"Phase 2/2: fine-tuning {len(blocks)} backbone block(s) ({blocks[0]} to the top; BatchNorm frozen); "
@@ -653,40 +654,40 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
 
 def _resolve_plan(ctx: _Context) -> _Plan:
     """The plan of this run: the one saved by an earlier attempt of it, else the settings' epochs and views."""
-    saved = ctx.run_dir / "checkpoints" / "plan.json"
-    if saved.exists():
-        return _Plan(**json.loads(saved.read_text()))
+    saved = ctx.run.read_plan()
+    if saved is not None:
+        return _Plan(**saved)
     train_config = ctx.config.train
     return _Plan(train_config.feature_views, train_config.head_epochs, train_config.finetune_epochs)
 
 
 def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
     """Runs the phases not yet finished in this run folder; returns their throughput figures."""
-    checkpoints = ctx.run_dir / "checkpoints"
+    run = ctx.run
     plan = _resolve_plan(ctx)
     throughput: dict = {}
     if plan.head_epochs == 0:
         print("Phase 1/2: skipped (0 epochs).")
         plan = dataclasses.replace(plan, finetune_start=plan.finetune_start or 0)
-    elif (checkpoints / "phase1.done").exists() and not _head_lost(checkpoints):
+    elif run.phase_done(1) and not _head_lost(run):
         print("Phase 1/2: already finished in this run; skipping.")
     else:
         plan, throughput = _train_head(model, plan, ctx)
-        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
-        (checkpoints / "phase1.done").touch()
-    backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
-    phase2_started = backup.exists() or (checkpoints / "phase2.done").exists()
+        run.write_plan(dataclasses.asdict(plan))
+        run.mark_phase_done(1)
+    backup = checkpoints_lib.Backup(run.checkpoints / checkpoints_lib.BACKUP_FOLDER)
+    phase2_started = backup.exists() or run.phase_done(2)
     if plan.finetune_epochs and ctx.budget is not None and not phase2_started:  # a resumed phase 2 keeps its plan
         plan = dataclasses.replace(plan, finetune_epochs=_affordable_epochs(model, plan.finetune_epochs, ctx))
-        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
+        run.write_plan(dataclasses.asdict(plan))
     if plan.finetune_epochs == 0:
         print("Phase 2/2: skipped (0 epochs).")
-    elif (checkpoints / "phase2.done").exists():
+    elif run.phase_done(2):
         print("Phase 2/2: already finished in this run; skipping.")
     else:
-        _write_json(checkpoints / "plan.json", dataclasses.asdict(plan))
+        run.write_plan(dataclasses.asdict(plan))
         throughput["phase2_images_per_second"] = _run_finetuning(model, plan, ctx)
-        (checkpoints / "phase2.done").touch()
+        run.mark_phase_done(2)
     backup.remove()  # only once the phase is marked done: a kill before that resumes from it
     return throughput
 
@@ -732,13 +733,13 @@ def _trim_history(path: Path, before_epoch: int) -> None:
         atomic.write_text(path, buffer.getvalue())
 
 
-def _head_lost(checkpoints: Path) -> bool:
+def _head_lost(run: Run) -> bool:
     """True when phase 1 finished but its result is gone (a damaged best checkpoint and no phase-2 state to continue
     from): phase 1 then runs again, which costs seconds on cached features."""
-    backup = checkpoints_lib.Backup(checkpoints / checkpoints_lib.BACKUP_FOLDER)
-    if (checkpoints / "phase2.done").exists() or backup.sound():
+    backup = checkpoints_lib.Backup(run.checkpoints / checkpoints_lib.BACKUP_FOLDER)
+    if run.phase_done(2) or backup.sound():
         return False
-    if checkpoints_lib.BestStore(checkpoints).record() is not None:
+    if checkpoints_lib.BestStore(run.checkpoints).record() is not None:
         return False
     print("Phase 1/2: its best checkpoint is missing or damaged; training the head again.")
     return True
@@ -794,7 +795,7 @@ def train(
         mirror = _mirror_of_chief_state(chief, scratch)
         if mirror is not None:  # a restarted cluster: every worker continues from the chief's state, in step
             print(f"{role.describe()}: continuing from the chief's state in {chief}.")
-            saved = Config().replace(load_yaml(mirror / "config.yaml"))
+            saved = Run(mirror).read_config()
             _train(saved.replace({"run": {"output_dir": str(scratch)}}), role, mirror, False, extra_callbacks)
         else:
             worker_config = config.replace({"run": {"output_dir": str(scratch)}})
@@ -827,10 +828,10 @@ def _mirror_of_chief_state(chief: Path | None, scratch: Path) -> Path | None:
     cluster's collective steps would never meet. Copied, the worker makes the chief's decisions (phase markers,
     plan, backup epoch) on the same files.
     """
-    if chief is None or _is_finished(chief) or not (chief / "checkpoints" / "plan.json").exists():
+    if chief is None or Run(chief).is_finished() or not Run(chief).plan_path.exists():
         return None
     mirror = scratch / chief.name
-    shutil.copytree(chief, mirror, ignore=shutil.ignore_patterns(runlock.LOCK_FILE, "logs"))
+    shutil.copytree(chief, mirror, ignore=shutil.ignore_patterns(runlock.LOCK_FILE, LOGS_FOLDER))
     return mirror
 
 
@@ -856,7 +857,7 @@ def _train(
         try:
             return _train_in(config, role, run_dir, resumed, extra_callbacks, started)
         finally:
-            callbacks.close_summary_writers(run_dir / "logs")  # flushed, also when training stops with an error
+            callbacks.close_summary_writers(Run(run_dir).logs)  # flushed, also when training stops with an error
 
 
 def _train_in(
@@ -869,11 +870,12 @@ def _train_in(
 ) -> Path:
     # A mistake found while setting up (too large a batch, a bad size) must not leave a half-made run folder
     # that the next attempt would take for an interrupted run.
+    run = Run(run_dir)
     with _removed_on_user_error(run_dir, keep=resumed):
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, run_dir / "config.yaml")
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        for folder in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / checkpoints_lib.BACKUP_FOLDER):
+        run.write_config(config)
+        run.checkpoints.mkdir(exist_ok=True)
+        for folder in (run_dir, run.checkpoints, run.checkpoints / checkpoints_lib.BACKUP_FOLDER):
             atomic.remove_leftovers(folder)  # what writers killed mid-write left; their previous files are intact
 
         # Data: the split is written once and reused on resume, evaluation and export.
@@ -886,7 +888,7 @@ def _train_in(
             decoding=data.Decoding.from_settings(config.data),
             group_by=config.data.group_by,
         )
-        (run_dir / "labels.txt").write_text("".join(f"{name}\n" for name in split.class_names))
+        run.write_labels(split.class_names)
         _print_data_summary(split, run_dir)
         positive = config.data.positive_class
         if positive is not None and (len(split.class_names) != 2 or positive not in split.class_names):
@@ -947,24 +949,24 @@ def _train_in(
         throughput = _fit_phases(model, ctx)
     finishing = ctx.finishing
     with finishing.step("predictions"):
-        store = checkpoints_lib.BestStore(run_dir / "checkpoints")
+        store = checkpoints_lib.BestStore(run.checkpoints)
         best = store.record()
         store.load_into(model)  # early stopping's "restore the best weights", across phases and restarts
         logits = _subset_logits(model, ctx)
     with finishing.step("calibration"):
         model, record = _calibrate(model, ctx, logits)
     with finishing.step("saving"):
-        _save_model(model, run_dir / "model.keras")
+        _save_model(model, run.model_path)
 
     metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
     with finishing.step("plots"):
-        callbacks.write_hparams(run_dir / "logs", _flat_hparams(config))
+        callbacks.write_hparams(run.logs, _flat_hparams(config))
         plots.plot_training_curves(run_dir)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
     metrics["finishing_seconds"] = finishing.seconds
     print(f"After training: {finishing.describe()}.")
-    _write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks the run as finished
+    run.write_metrics(metrics)  # written last: its presence marks the run as finished
     _print_summary(run_dir, metrics)
     return run_dir
 
@@ -1008,7 +1010,7 @@ def _calibrate(model: keras.Model, ctx: _Context, logits: dict) -> tuple[keras.M
         print(
             f"Calibration: temperature {temperature:.3g} fitted on {record['count']} validation images: ECE "
             f"{record['ece_before']:.3f} -> {record['ece_after']:.3f}, NLL {record['nll_before']:.3f} -> "
-            f"{record['nll_after']:.3f}. model.keras and every export give the calibrated probabilities."
+            f"{record['nll_after']:.3f}. {MODEL_FILE} and every export give the calibrated probabilities."
         )
     return calibrated, record
 
@@ -1032,7 +1034,7 @@ def _final_metrics(model: keras.Model, ctx: _Context, logits: dict, record: dict
         decisions = np.where(scores[:, positive] >= point["threshold"], positive, 1 - positive)
         rule = f"operating point, '{point['positive_class']}' when its probability >= {point['threshold']:.3f}"
     with ctx.finishing.step("plots"):
-        callbacks.write_confusion_matrix(ctx.run_dir / "logs", labels, decisions, class_names, epoch, rule)
+        callbacks.write_confusion_matrix(ctx.run.logs, labels, decisions, class_names, epoch, rule)
     with ctx.finishing.step("Grad-CAM grid"):
         _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch)
     return metrics
@@ -1062,7 +1064,7 @@ def _write_gradcam_grid(
         f"Grad-CAM, validation, {callbacks.final_model_title(epoch)}: {wrong} wrong (red), {len(chosen) - wrong} "
         "right (green)\nred = where the evidence for the predicted class was; a hint where to look, not proof"
     )
-    callbacks.write_image_grid(ctx.run_dir / "logs", "gradcam", overlays, titles, colours, heading, epoch)
+    callbacks.write_image_grid(ctx.run.logs, "gradcam", overlays, titles, colours, heading, epoch)
 
 
 def _choose_operating_point(
@@ -1119,9 +1121,6 @@ def _save_model(model: keras.Model, path: Path) -> None:
         model.save(temporary)
 
 
-_write_json = atomic.write_json
-
-
 def _flat_hparams(config: Config) -> dict:
     return {
         f"{section}.{key}": value
@@ -1145,7 +1144,7 @@ def _print_data_summary(split: data.Split, run_dir: Path) -> None:
         sizes = ", ".join(f"{len(split.groups.get(subset, []))} in {subset}" for subset in data.SUBSETS)
         print(f"Grouped by {split.group_by}: {sizes} (groups).")
     if split.skipped:
-        print(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {run_dir / 'split.json'}:")
+        print(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {Run(run_dir).split_path}:")
         for entry in split.skipped[:5]:
             print(f"  {entry['path']}: {entry['reason']}")
         if len(split.skipped) > 5:
@@ -1166,17 +1165,18 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
     if record and record["count"]:
         print(
             f"Calibration: temperature {record['temperature']:.3g}, validation ECE {record['ece_before']:.3f} -> "
-            f"{record['ece_after']:.3f} (calibration.json; model.keras and its exports apply it)"
+            f"{record['ece_after']:.3f} ({CALIBRATION_FILE}; {MODEL_FILE} and its exports apply it)"
         )
     point = metrics.get("operating_point")
     if point:
         print(
             f"Threshold for '{point['positive_class']}': {point['threshold']:.3f} ({point['method']}), validation "
             f"sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f} "
-            "(stored in operating_point.json; evaluate and predict use it)"
+            f"(stored in {OPERATING_POINT_FILE}; evaluate and predict use it)"
         )
-    print(f"Curves:   {run_dir / 'training_curves.png'}")
-    print(f"Model:    {run_dir / 'model.keras'}")
-    print(f"Metrics:  {run_dir / 'metrics.json'}")
-    print(f"Watch:    tensorboard --logdir {run_dir / 'logs'}")
+    run = Run(run_dir)
+    print(f"Curves:   {run.training_curves_path}")
+    print(f"Model:    {run.model_path}")
+    print(f"Metrics:  {run.metrics_path}")
+    print(f"Watch:    tensorboard --logdir {run.logs}")
     print(f"Export:   python export.py --run-dir {run_dir}")
