@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier.errors import UserError, run_cli
-from classifier.predict import open_model
+from classifier.inference import model_size, open_model
 
 JSON_KEYS = (
     "model",  # path as given
@@ -35,14 +35,6 @@ JSON_KEYS = (
     "machine",  # {"cpu_count", "processor", "python"}
     "created",  # ISO 8601 UTC time
 )
-
-
-def model_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file, or of every file in a SavedModel folder."""
-    path = Path(path)
-    if path.is_dir():
-        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
-    return path.stat().st_size
 
 
 def _runtime(kind: str) -> str:
@@ -73,7 +65,7 @@ def benchmark(
 
     Args:
         model: model.keras, a SavedModel folder or a .tflite file.
-        threads: CPU threads (LiteRT per model; TensorFlow per process, see `predict.open_model`).
+        threads: CPU threads (LiteRT per model; TensorFlow per process, see `inference.open_model`).
         batch_size: Batch of the throughput measurement.
         runs: Timed batch-1 predictions.
         warmup: Untimed predictions before each measurement (allocation, graph tracing, caches).

@@ -36,7 +36,7 @@ from classifier import atomic
 from classifier import calibration as calibration_lib
 from classifier import operating_point as op_lib
 from classifier.errors import UserError, run_cli
-from classifier.predict import (
+from classifier.inference import (
     add_dicom_arguments,
     open_model,
     predict_files,
@@ -259,7 +259,7 @@ def evaluate(
         threshold_method: "youden" or "sensitivity:T": choose the operating point on the validation split first
             and store it beside the model (see `choose_threshold`).
         batch_size: Images per model call.
-        threads: CPU threads (see `predict.open_model`).
+        threads: CPU threads (see `inference.open_model`).
         resize_mode: Override the run's data.resize_mode ("stretch" when there is no run).
         n_bins: Bins of the ECE and the reliability diagram.
         dicom_window: Override the run's data.dicom_window ("auto" when there is no run).

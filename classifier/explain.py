@@ -19,16 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifier.errors import UserError, run_cli
-from classifier.predict import (
+from classifier.inference import (
     add_dicom_arguments,
     class_labels,
     collect_inputs,
-    decision_function,
-    decision_rule,
     open_model,
     run_decoding_with,
     run_resize_mode,
 )
+from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
 
 

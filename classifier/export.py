@@ -149,7 +149,7 @@ def export_run(
             mediapipe is not installed.
     """
     from classifier import data, inference, tflite_metadata
-    from classifier.benchmark import model_size
+    from classifier.inference import model_size
 
     run_dir = Path(run_dir)
     run = Run(run_dir)

@@ -11,7 +11,14 @@ outputs are dequantized with the tensor's scale and zero point, as MediaPipe doe
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import glob
+import os
+import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,9 @@ from classifier.errors import UserError
 from classifier.run import LABELS_FILE, MODEL_FILE, Run
 
 KINDS = ("keras", "saved_model", "tflite")
+_GLOB_CHARACTERS = frozenset("*?[")
+# Decoding is Pillow (releases the GIL) plus a small TF resize: a few threads keep the model fed on 2+ cores.
+_READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
 ACCEPTED = f"a Keras model file ({MODEL_FILE}), a SavedModel folder (with saved_model.pb inside) or a .tflite file"
 
 
@@ -271,3 +281,195 @@ def measure_latency(predictor: Predictor, runs: int = 50, warmup: int = 5, seed:
         predictor.predict(image, batch_size=1)
         times.append((time.perf_counter() - start) * 1000)
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
+
+
+# The plumbing the commands share (predict, evaluate, explain, benchmark, export): opening a model of any kind,
+# finding image files, reading them as training did and running the model on them.
+
+
+def run_resize_mode(run: Run | None) -> str | None:
+    """data.resize_mode from a run's config.yaml, or None when there is no run config."""
+    if run is None or not run.config_path.is_file():
+        return None
+    return run.setting("data", "resize_mode") or "stretch"
+
+
+def run_decoding_with(run: Run | None, dicom_window: str | None, dicom_frames: str | None):
+    """The run's `data.Decoding` (defaults without a run), with the settings given on the command line replacing it.
+
+    Raises:
+        UserError: a window or frames value that is not accepted.
+    """
+    from classifier import data
+
+    decoding = data.run_decoding(run)
+    changes = {"dicom_window": dicom_window, "dicom_frames": dicom_frames}
+    return dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
+
+
+def open_model(path: str | os.PathLike, threads: int | None = None):
+    """Loads any model kind through `classifier.inference`, with `threads` CPU threads.
+
+    LiteRT takes the thread count per model; TensorFlow (Keras and SavedModel files) only per process, and only
+    before it has run anything, so in a process that already used TensorFlow the setting is left as it is.
+
+    Returns:
+        An `inference.Predictor`.
+
+    Raises:
+        UserError: see `inference.load_predictor`; also threads < 1.
+    """
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: give 1 or more CPU threads")
+    path = Path(path)
+    if threads is not None and path.suffix != ".tflite":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            print(f"note: TensorFlow is already running; --threads {threads} does not apply to it", file=sys.stderr)
+    return load_predictor(path, num_threads=threads)
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """Expands files, folders and glob patterns into a list of image files.
+
+    Folders are searched recursively for image files (`data.is_image_file`: an image suffix, or DICOM; hidden files
+    and folders skipped); a file named explicitly is used whatever its suffix. Order: as given, folders and globs
+    sorted.
+
+    Args:
+        inputs: Paths or glob patterns.
+
+    Returns:
+        (files, problems): files without duplicates, and {"path", "error"} for inputs that match nothing.
+    """
+    from classifier.data import is_image_file
+
+    files: list[str] = []
+    problems: list[dict] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = []
+            for folder, subfolders, names in os.walk(item):
+                subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+                found += [
+                    os.path.join(folder, name) for name in sorted(names) if is_image_file(os.path.join(folder, name))
+                ]
+            if not found:
+                problems.append({"path": item, "error": "folder holds no image files"})
+            files += found
+        elif os.path.exists(item):
+            files.append(item)
+        elif _GLOB_CHARACTERS & set(item):
+            matches = sorted(path for path in glob.glob(item, recursive=True) if os.path.isfile(path))
+            if not matches:
+                problems.append({"path": item, "error": "pattern matches no file"})
+            files += matches
+        else:
+            problems.append({"path": item, "error": "no such file or folder"})
+    unique = list(dict.fromkeys(files))
+    return unique, problems
+
+
+def _read(path: str, image_size: int, resize_mode: str, decoding) -> tuple[np.ndarray | None, str | None]:
+    """One file as model pixels, or the reason it cannot be read."""
+    from classifier.data import load_and_resize, split_frame_ref
+
+    try:
+        if os.path.getsize(split_frame_ref(path)[0]) == 0:
+            return None, "empty file (0 bytes)"
+        return load_and_resize(path, image_size, resize_mode, decoding), None
+    except Exception as error:  # Pillow raises many types: any unreadable file is reported and skipped, not fatal
+        return None, f"cannot read image: {type(error).__name__}: {error}"
+
+
+def predict_files(
+    predictor,
+    paths: Sequence[str],
+    *,
+    resize_mode: str = "stretch",
+    batch_size: int = 32,
+    description: str = "predicting",
+    on_error: Callable[[str, str], None] | None = None,
+    decoding=None,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Runs a model on image files in batches, as training reads them.
+
+    Args:
+        predictor: An `inference.Predictor`.
+        paths: Image files (or frames of DICOM files, `data.frame_ref`).
+        resize_mode: "stretch" or "crop", as the model was trained.
+        batch_size: Images per model call (and per read batch).
+        description: Label of the progress bar (shown on stderr when it is a terminal).
+        on_error: Called with (path, reason) for every unreadable file as it is found.
+        decoding: A `data.Decoding` (DICOM window), as the model was trained; None takes the defaults.
+
+    Returns:
+        (probabilities float32 [N, C] with NaN rows for unreadable files, {index: reason} of those files).
+
+    Raises:
+        UserError: batch_size < 1.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give 1 or more images per batch")
+    probabilities = np.full((len(paths), predictor.num_classes), np.nan, np.float32)
+    errors: dict[int, str] = {}
+    progress = tqdm(total=len(paths), desc=description, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
+    with ThreadPoolExecutor(_READ_WORKERS) as pool, progress:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(paths))))
+            results = pool.map(lambda i: _read(paths[i], predictor.image_size, resize_mode, decoding), chunk)
+            good, images = [], []
+            for index, (image, error) in zip(chunk, results, strict=True):
+                if error is None:
+                    good.append(index)
+                    images.append(image)
+                else:
+                    errors[index] = error
+                    if on_error is not None:
+                        on_error(paths[index], error)
+            if images:
+                probabilities[good] = predictor.predict(np.stack(images), batch_size=batch_size)
+            progress.update(len(chunk))
+    return probabilities, errors
+
+
+def class_labels(predictor) -> list[str]:
+    """The predictor's class names, or class_0, class_1, ... (with a note) when none were found beside the model."""
+    if predictor.labels:
+        return list(predictor.labels)
+    print(
+        f"note: no labels found for {predictor.path} (put the run's {LABELS_FILE} beside it); showing class indices",
+        file=sys.stderr,
+    )
+    return [f"class_{index}" for index in range(predictor.num_classes)]
+
+
+def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dicom-window and --dicom-frames, shared by predict and evaluate."""
+    parser.add_argument(
+        "--dicom-window",
+        default=None,
+        metavar="WINDOW",
+        help="DICOM window: auto, lung, mediastinum, bone, brain or C,W, with = before a negative centre "
+        "(--dicom-window=-600,1500); default: the run's data.dicom_window",
+    )
+    parser.add_argument(
+        "--dicom-frames",
+        choices=("first", "all"),
+        default=None,
+        help="multi-frame DICOM: first frame, or every frame (default: the run's data.dicom_frames)",
+    )
+
+
+def model_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file, or of every file in a SavedModel folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    return path.stat().st_size

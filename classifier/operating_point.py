@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -233,3 +235,47 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
 def find_operating_point(model_path: str | os.PathLike) -> dict | None:
     """The operating point that belongs to a model file: beside it (export/) or in the run folder above it."""
     return find_beside_model(model_path, lambda run: read_operating_point(run.operating_point_path))
+
+
+def decision_rule(
+    predictor, labels: list[str], threshold: float | None = None, use_operating_point: bool = True
+) -> dict | None:
+    """The threshold rule for a two-class model: from --threshold, else the stored operating point; else None.
+
+    Returns:
+        None (most probable class) or {"threshold", "positive_class", "positive_index", "source"}.
+
+    Raises:
+        UserError: --threshold given for a model with more than two classes, or outside [0, 1].
+    """
+    if threshold is not None:
+        if len(labels) != 2:
+            raise UserError(f"--threshold applies to two-class models; this one has {len(labels)} classes")
+        if not 0 <= threshold <= 1:
+            raise UserError(f"--threshold {threshold} is not a probability: give a value in [0, 1]")
+        return {"threshold": threshold, "positive_class": labels[1], "positive_index": 1, "source": "--threshold"}
+    if not use_operating_point or len(labels) != 2:
+        return None
+    point = find_operating_point(predictor.path)
+    if point is None:
+        return None
+    if list(point["class_names"]) != labels:
+        print(
+            f"note: ignoring {point['path']}: it is for classes {point['class_names']}, the model has {labels}",
+            file=sys.stderr,
+        )
+        return None
+    return {
+        "threshold": point["threshold"],
+        "positive_class": point["positive_class"],
+        "positive_index": point["positive_index"],
+        "source": point["path"],
+    }
+
+
+def decision_function(rule: dict | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Probabilities [N, C] -> the class indices `prediction_rows` reports as `label` under `rule`."""
+    if rule is None:
+        return lambda probabilities: np.asarray(probabilities).argmax(axis=-1)
+    positive, threshold = rule["positive_index"], rule["threshold"]
+    return lambda probabilities: np.where(np.asarray(probabilities)[:, positive] >= threshold, positive, 1 - positive)

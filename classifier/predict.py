@@ -19,235 +19,29 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import glob
 import io
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from classifier.errors import UserError, run_cli
-from classifier.run import LABELS_FILE, Run
+from classifier.inference import (
+    add_dicom_arguments,
+    class_labels,
+    collect_inputs,
+    open_model,
+    predict_files,
+    run_decoding_with,
+    run_resize_mode,
+)
+from classifier.operating_point import decision_function, decision_rule
+from classifier.run import Run
 
 FORMATS = ("csv", "json")
-_GLOB_CHARACTERS = frozenset("*?[")
-# Decoding is Pillow (releases the GIL) plus a small TF resize: a few threads keep the model fed on 2+ cores.
-_READ_WORKERS = max(1, min(4, os.cpu_count() or 1))
-
-
-def run_resize_mode(run: Run | None) -> str | None:
-    """data.resize_mode from a run's config.yaml, or None when there is no run config."""
-    if run is None or not run.config_path.is_file():
-        return None
-    return run.setting("data", "resize_mode") or "stretch"
-
-
-def run_decoding_with(run: Run | None, dicom_window: str | None, dicom_frames: str | None):
-    """The run's `data.Decoding` (defaults without a run), with the settings given on the command line replacing it.
-
-    Raises:
-        UserError: a window or frames value that is not accepted.
-    """
-    from classifier import data
-
-    decoding = data.run_decoding(run)
-    changes = {"dicom_window": dicom_window, "dicom_frames": dicom_frames}
-    return dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
-
-
-def open_model(path: str | os.PathLike, threads: int | None = None):
-    """Loads any model kind through `classifier.inference`, with `threads` CPU threads.
-
-    LiteRT takes the thread count per model; TensorFlow (Keras and SavedModel files) only per process, and only
-    before it has run anything, so in a process that already used TensorFlow the setting is left as it is.
-
-    Returns:
-        An `inference.Predictor`.
-
-    Raises:
-        UserError: see `inference.load_predictor`; also threads < 1.
-    """
-    from classifier import inference
-
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads}: give 1 or more CPU threads")
-    path = Path(path)
-    if threads is not None and path.suffix != ".tflite":
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:
-            print(f"note: TensorFlow is already running; --threads {threads} does not apply to it", file=sys.stderr)
-    return inference.load_predictor(path, num_threads=threads)
-
-
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
-    """Expands files, folders and glob patterns into a list of image files.
-
-    Folders are searched recursively for image files (`data.is_image_file`: an image suffix, or DICOM; hidden files
-    and folders skipped); a file named explicitly is used whatever its suffix. Order: as given, folders and globs
-    sorted.
-
-    Args:
-        inputs: Paths or glob patterns.
-
-    Returns:
-        (files, problems): files without duplicates, and {"path", "error"} for inputs that match nothing.
-    """
-    from classifier.data import is_image_file
-
-    files: list[str] = []
-    problems: list[dict] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = []
-            for folder, subfolders, names in os.walk(item):
-                subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-                found += [
-                    os.path.join(folder, name) for name in sorted(names) if is_image_file(os.path.join(folder, name))
-                ]
-            if not found:
-                problems.append({"path": item, "error": "folder holds no image files"})
-            files += found
-        elif os.path.exists(item):
-            files.append(item)
-        elif _GLOB_CHARACTERS & set(item):
-            matches = sorted(path for path in glob.glob(item, recursive=True) if os.path.isfile(path))
-            if not matches:
-                problems.append({"path": item, "error": "pattern matches no file"})
-            files += matches
-        else:
-            problems.append({"path": item, "error": "no such file or folder"})
-    unique = list(dict.fromkeys(files))
-    return unique, problems
-
-
-def _read(path: str, image_size: int, resize_mode: str, decoding) -> tuple[np.ndarray | None, str | None]:
-    """One file as model pixels, or the reason it cannot be read."""
-    from classifier.data import load_and_resize, split_frame_ref
-
-    try:
-        if os.path.getsize(split_frame_ref(path)[0]) == 0:
-            return None, "empty file (0 bytes)"
-        return load_and_resize(path, image_size, resize_mode, decoding), None
-    except Exception as error:  # Pillow raises many types: any unreadable file is reported and skipped, not fatal
-        return None, f"cannot read image: {type(error).__name__}: {error}"
-
-
-def predict_files(
-    predictor,
-    paths: Sequence[str],
-    *,
-    resize_mode: str = "stretch",
-    batch_size: int = 32,
-    description: str = "predicting",
-    on_error: Callable[[str, str], None] | None = None,
-    decoding=None,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Runs a model on image files in batches, as training reads them.
-
-    Args:
-        predictor: An `inference.Predictor`.
-        paths: Image files (or frames of DICOM files, `data.frame_ref`).
-        resize_mode: "stretch" or "crop", as the model was trained.
-        batch_size: Images per model call (and per read batch).
-        description: Label of the progress bar (shown on stderr when it is a terminal).
-        on_error: Called with (path, reason) for every unreadable file as it is found.
-        decoding: A `data.Decoding` (DICOM window), as the model was trained; None takes the defaults.
-
-    Returns:
-        (probabilities float32 [N, C] with NaN rows for unreadable files, {index: reason} of those files).
-
-    Raises:
-        UserError: batch_size < 1.
-    """
-    from tqdm import tqdm
-
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: give 1 or more images per batch")
-    probabilities = np.full((len(paths), predictor.num_classes), np.nan, np.float32)
-    errors: dict[int, str] = {}
-    progress = tqdm(total=len(paths), desc=description, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
-    with ThreadPoolExecutor(_READ_WORKERS) as pool, progress:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(paths))))
-            results = pool.map(lambda i: _read(paths[i], predictor.image_size, resize_mode, decoding), chunk)
-            good, images = [], []
-            for index, (image, error) in zip(chunk, results, strict=True):
-                if error is None:
-                    good.append(index)
-                    images.append(image)
-                else:
-                    errors[index] = error
-                    if on_error is not None:
-                        on_error(paths[index], error)
-            if images:
-                probabilities[good] = predictor.predict(np.stack(images), batch_size=batch_size)
-            progress.update(len(chunk))
-    return probabilities, errors
-
-
-def class_labels(predictor) -> list[str]:
-    """The predictor's class names, or class_0, class_1, ... (with a note) when none were found beside the model."""
-    if predictor.labels:
-        return list(predictor.labels)
-    print(
-        f"note: no labels found for {predictor.path} (put the run's {LABELS_FILE} beside it); showing class indices",
-        file=sys.stderr,
-    )
-    return [f"class_{index}" for index in range(predictor.num_classes)]
-
-
-def decision_rule(
-    predictor, labels: list[str], threshold: float | None = None, use_operating_point: bool = True
-) -> dict | None:
-    """The threshold rule for a two-class model: from --threshold, else the stored operating point; else None.
-
-    Returns:
-        None (most probable class) or {"threshold", "positive_class", "positive_index", "source"}.
-
-    Raises:
-        UserError: --threshold given for a model with more than two classes, or outside [0, 1].
-    """
-    from classifier import operating_point
-
-    if threshold is not None:
-        if len(labels) != 2:
-            raise UserError(f"--threshold applies to two-class models; this one has {len(labels)} classes")
-        if not 0 <= threshold <= 1:
-            raise UserError(f"--threshold {threshold} is not a probability: give a value in [0, 1]")
-        return {"threshold": threshold, "positive_class": labels[1], "positive_index": 1, "source": "--threshold"}
-    if not use_operating_point or len(labels) != 2:
-        return None
-    point = operating_point.find_operating_point(predictor.path)
-    if point is None:
-        return None
-    if list(point["class_names"]) != labels:
-        print(
-            f"note: ignoring {point['path']}: it is for classes {point['class_names']}, the model has {labels}",
-            file=sys.stderr,
-        )
-        return None
-    return {
-        "threshold": point["threshold"],
-        "positive_class": point["positive_class"],
-        "positive_index": point["positive_index"],
-        "source": point["path"],
-    }
-
-
-def decision_function(rule: dict | None) -> Callable[[np.ndarray], np.ndarray]:
-    """Probabilities [N, C] -> the class indices `prediction_rows` reports as `label` under `rule`."""
-    if rule is None:
-        return lambda probabilities: np.asarray(probabilities).argmax(axis=-1)
-    positive, threshold = rule["positive_index"], rule["threshold"]
-    return lambda probabilities: np.where(np.asarray(probabilities)[:, positive] >= threshold, positive, 1 - positive)
 
 
 def prediction_rows(
@@ -447,23 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dicom_arguments(parser)
     return parser
-
-
-def add_dicom_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dicom-window and --dicom-frames, shared by predict and evaluate."""
-    parser.add_argument(
-        "--dicom-window",
-        default=None,
-        metavar="WINDOW",
-        help="DICOM window: auto, lung, mediastinum, bone, brain or C,W, with = before a negative centre "
-        "(--dicom-window=-600,1500); default: the run's data.dicom_window",
-    )
-    parser.add_argument(
-        "--dicom-frames",
-        choices=("first", "all"),
-        default=None,
-        help="multi-frame DICOM: first frame, or every frame (default: the run's data.dicom_frames)",
-    )
 
 
 def _check_output(output: Path) -> None:
