@@ -98,7 +98,12 @@ def _main(argv: list[str] | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `train` command line: common flags, plus `--config` and `--set` for everything else."""
+    """The `train` command line: common flags, plus `--config` and `--set` for everything else.
+
+    Every flag defaults to None (unset: the YAML file, `--set` or the dataclass default decides); the defaults the
+    help shows are read from the dataclasses, so they are written once.
+    """
+    d = Config()
     parser = argparse.ArgumentParser(
         prog="python train.py",
         description=(
@@ -111,37 +116,55 @@ def build_parser() -> argparse.ArgumentParser:
             "--set augment.preset=medical --set train.unfreeze_blocks=all. The resolved settings are written to "
             "<run>/config.yaml. Re-running the same command after an interruption continues the run."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = parser.add_argument_group("data")
     source.add_argument("--data-dir", help="folder with one subfolder of images per class (or train/ val/ test/)")
     source.add_argument("--dataset", help="tfds:NAME to download a TensorFlow Datasets dataset (needs the internet)")
     source.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's own)")
-    source.add_argument("--batch-size", type=int, help="images per device per step (default 32)")
-    source.add_argument("--val-fraction", type=float, help="share of each class for validation (default 0.15)")
-    source.add_argument("--test-fraction", type=float, help="share of each class for testing (default 0.15)")
-    source.add_argument("--seed", type=int, help="seed of the split and shuffles (default 42)")
+    source.add_argument("--batch-size", type=int, help=f"images per device per step (default {d.data.batch_size})")
+    source.add_argument(
+        "--val-fraction", type=float, help=f"share of each class for validation (default {d.data.val_fraction})"
+    )
+    source.add_argument(
+        "--test-fraction", type=float, help=f"share of each class for testing (default {d.data.test_fraction})"
+    )
+    source.add_argument("--seed", type=int, help=f"seed of the split and shuffles (default {d.data.seed})")
     net = parser.add_argument_group("model")
-    net.add_argument("--backbone", help="backbone name (default efficientnet_lite0; see --list-backbones)")
-    net.add_argument("--weights", help="imagenet, none, or a path to backbone weights (default imagenet)")
+    net.add_argument("--backbone", help=f"backbone name (default {d.model.backbone}; see --list-backbones)")
+    net.add_argument("--weights", help=f"imagenet, none, or a path to backbone weights (default {d.model.weights})")
     net.add_argument("--list-backbones", action="store_true", help="list the available backbones and exit")
     fit = parser.add_argument_group("training")
     fit.add_argument("--epochs", type=int, help="epochs of BOTH phases (head, then fine-tuning)")
     fit.add_argument(
-        "--head-epochs", type=int, help="phase 1 epochs, head on cached backbone features (default 30; 0 skips)"
+        "--head-epochs",
+        type=int,
+        help=f"phase 1 epochs, head on cached backbone features (default {d.train.head_epochs}; 0 skips)",
     )
-    fit.add_argument("--finetune-epochs", type=int, help="phase 2 epochs, top blocks unfrozen (default 5; 0 skips)")
     fit.add_argument(
-        "--time-budget", help="wall-clock budget such as 10m: epochs and feature views are cut to fit (default none)"
+        "--finetune-epochs",
+        type=int,
+        help=f"phase 2 epochs, top blocks unfrozen (default {d.train.finetune_epochs}; 0 skips)",
     )
-    fit.add_argument("--augment", help="none, light, medium, heavy, medical or inspection (default light)")
     fit.add_argument(
-        "--devices", help="auto, cpu, multi_worker (TF_CONFIG), or a list such as gpu:0,gpu:1 (default auto)"
+        "--time-budget",
+        help="wall-clock budget such as 10m: epochs and feature views are cut to fit "
+        f"(default {d.train.time_budget or 'none'})",
     )
-    fit.add_argument("--mixed-precision", choices=["auto", "on", "off"], help="float16 compute (default auto)")
+    fit.add_argument(
+        "--augment", help=f"none, light, medium, heavy, medical or inspection (default {d.augment.preset})"
+    )
+    fit.add_argument(
+        "--devices",
+        help=f"auto, cpu, multi_worker (TF_CONFIG), or a list such as gpu:0,gpu:1 (default {d.runtime.devices})",
+    )
+    fit.add_argument(
+        "--mixed-precision",
+        choices=["auto", "on", "off"],
+        help=f"float16 compute (default {d.runtime.mixed_precision})",
+    )
     fit.add_argument("--jit-compile", action="store_true", default=None, help="compile training steps with XLA")
     run = parser.add_argument_group("run folder")
-    run.add_argument("--output-dir", help="parent of run folders (default saved_models)")
+    run.add_argument("--output-dir", help=f"parent of run folders (default {d.run.output_dir})")
     run.add_argument("--name", help="run folder name (default <date-time>-<backbone>-<size>)")
     run.add_argument(
         "--resume",
@@ -1036,12 +1059,18 @@ def _final_metrics(model: keras.Model, ctx: _Context, logits: dict, record: dict
     with ctx.finishing.step("plots"):
         callbacks.write_confusion_matrix(ctx.run.logs, labels, decisions, class_names, epoch, rule)
     with ctx.finishing.step("Grad-CAM grid"):
-        _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch)
+        _write_gradcam_grid(model, ctx, labels, decisions, scores, epoch, rule)
     return metrics
 
 
 def _write_gradcam_grid(
-    model: keras.Model, ctx: _Context, labels: np.ndarray, decisions: np.ndarray, scores: np.ndarray, epoch: int | None
+    model: keras.Model,
+    ctx: _Context,
+    labels: np.ndarray,
+    decisions: np.ndarray,
+    scores: np.ndarray,
+    epoch: int | None,
+    rule: str,
 ) -> None:
     """Up to 16 validation images (the wrong ones first) with the heatmap of the decided class, to TensorBoard."""
     chosen = gradcam.pick_examples(labels, decisions, gradcam.TENSORBOARD_IMAGES)
@@ -1062,7 +1091,8 @@ def _write_gradcam_grid(
     wrong = sum(labels[i] != decisions[i] for i in chosen)
     heading = (
         f"Grad-CAM, validation, {callbacks.final_model_title(epoch)}: {wrong} wrong (red), {len(chosen) - wrong} "
-        "right (green)\nred = where the evidence for the predicted class was; a hint where to look, not proof"
+        f"right (green)\npredicted by {rule}\nred = where the evidence for the predicted class was; a hint where "
+        "to look, not proof"
     )
     callbacks.write_image_grid(ctx.run.logs, "gradcam", overlays, titles, colours, heading, epoch)
 
