@@ -29,6 +29,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from classifier import calibration as calibration_lib
 from classifier import operating_point as op_lib
 from classifier.errors import UserError, run_cli
 from classifier.inference import (
+    Predictor,
     add_dicom_arguments,
     open_model,
     predict_files,
@@ -44,6 +46,9 @@ from classifier.inference import (
     run_resize_mode,
 )
 from classifier.run import CALIBRATION_FILE, EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
+
+if TYPE_CHECKING:
+    from classifier.data import Decoding
 
 SCHEMA_VERSION = 1
 REPORT_FILE = EVALUATION_REPORT_FILE
@@ -230,6 +235,69 @@ def choose_threshold(
     return point
 
 
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """The model under evaluation and how images are read for it, shared by every step of `evaluate`.
+
+    Attributes:
+        model: The model file or SavedModel folder.
+        run_dir: The run folder given, or None.
+        settings_run: The run whose settings apply (`run_dir`, else the model's own run), or None.
+        predictor: The opened model.
+        resize_mode: How images are resized.
+        decoding: How image files are decoded (DICOM window and frames).
+        batch_size: Images per model call.
+        n_bins: Bins of the ECE and the reliability diagram.
+    """
+
+    model: Path
+    run_dir: Path | None
+    settings_run: Run | None
+    predictor: Predictor
+    resize_mode: str
+    decoding: Decoding
+    batch_size: int
+    n_bins: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Images:
+    """The labelled images to evaluate on.
+
+    Attributes:
+        root: The folder the paths are relative to.
+        items: (relative path, label index in the model's classes) per image.
+        class_names: The model's class names, in label order.
+        skipped: Files left out while listing, as {"path", "reason"}.
+        source: "run" (the run's split) or "folder" (`--data-dir`).
+        subset: The subset evaluated ("test", "val", "train" or "all").
+    """
+
+    root: str
+    items: list[tuple[str, int]]
+    class_names: list[str]
+    skipped: list[dict]
+    source: str
+    subset: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Predictions:
+    """The model's probabilities on the images it could read.
+
+    Attributes:
+        paths: Relative path of each image read.
+        y_true: True label of each, [N].
+        probabilities: The model's probabilities, [N, C].
+        skipped: Every file left out (listing and reading), as {"path", "reason"}.
+    """
+
+    paths: list[str]
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    skipped: list[dict]
+
+
 def evaluate(
     model: str | Path | None = None,
     *,
@@ -272,7 +340,31 @@ def evaluate(
         UserError: no data source, a missing model or run file, classes that do not match the model, no
             readable image, or an invalid option.
     """
-    from classifier import data, metrics, plots
+    run_dir = Path(run_dir) if run_dir is not None else None
+    _check_sources(run_dir, data_dir, subset)
+    setup = _open(
+        model,
+        run_dir,
+        threads=threads,
+        resize_mode=resize_mode,
+        dicom_window=dicom_window,
+        dicom_frames=dicom_frames,
+        batch_size=batch_size,
+        n_bins=n_bins,
+    )
+    images = _images(setup, data_dir, subset)
+    point, positive_index = _operating_point(setup, images.class_names, threshold_method, positive_class)
+    predictions = _predict(setup, images)
+    result, before = _metrics(setup, images, predictions, point, positive_index)
+    output_dir = _output_dir(setup, images, output_dir)
+    _write_figures(setup, images, predictions, result, before, positive_index, output_dir)
+    _write_predictions(output_dir / PREDICTIONS_FILE, predictions, images.class_names)
+    return _write_report(setup, images, predictions, result, point, output_dir)
+
+
+def _check_sources(run_dir: Path | None, data_dir: str | Path | None, subset: str | None) -> None:
+    """Checks that there is something to evaluate on, before any model is loaded."""
+    from classifier import data
 
     if run_dir is None and data_dir is None:
         raise UserError(
@@ -280,9 +372,22 @@ def evaluate(
         )
     if subset not in (None, "all", *data.SUBSETS):
         raise UserError(f"--subset {subset} is unknown: use one of {', '.join(data.SUBSETS)}")
-    run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and not run_dir.is_dir():
         raise UserError(f"run folder '{run_dir}' does not exist: pass --run-dir saved_models/<run>")
+
+
+def _open(
+    model: str | Path | None,
+    run_dir: Path | None,
+    *,
+    threads: int | None,
+    resize_mode: str | None,
+    dicom_window: str | None,
+    dicom_frames: str | None,
+    batch_size: int,
+    n_bins: int,
+) -> _Setup:
+    """Finds and opens the model, and settles how images are read for it (the run's settings unless overridden)."""
     if model is None:
         if run_dir is None:
             raise UserError(f"no model: pass --model ({MODEL_FILE}, a SavedModel folder or a .tflite file)")
@@ -301,9 +406,16 @@ def evaluate(
             f"evaluating at {predictor.image_size} px",
             file=sys.stderr,
         )
+    return _Setup(model, run_dir, settings_run, predictor, resize_mode, decoding, batch_size, n_bins)
 
+
+def _images(setup: _Setup, data_dir: str | Path | None, subset: str | None) -> _Images:
+    """The images of `data_dir`, else of the run's split, labelled in the model's classes (checked against it)."""
+    from classifier import data
+
+    model, predictor, settings_run = setup.model, setup.predictor, setup.settings_run
     if data_dir is not None:
-        root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset, decoding)
+        root, items, folder_classes, skipped = _images_from_folder(str(data_dir), subset, setup.decoding)
         class_names = predictor.labels or (
             data.read_split(settings_run.split_path).class_names
             if settings_run is not None and settings_run.split_path.is_file()
@@ -317,13 +429,13 @@ def evaluate(
         items, class_names, skipped, root, source = split.subset(subset_name), split.class_names, [], split.root, "run"
         if not items:
             raise UserError(
-                f"the {subset_name} split of '{run_dir}' is empty: evaluate --subset val, or train with "
+                f"the {subset_name} split of '{setup.run_dir}' is empty: evaluate --subset val, or train with "
                 "--set data.test_fraction=0.15"
             )
         if predictor.labels and list(predictor.labels) != list(class_names):
             raise UserError(
-                f"model '{model}' has classes {predictor.labels} but run '{run_dir}' has {class_names}: evaluate "
-                "the run's own model, or pass --data-dir with this model's classes"
+                f"model '{model}' has classes {predictor.labels} but run '{setup.run_dir}' has {class_names}: "
+                "evaluate the run's own model, or pass --data-dir with this model's classes"
             )
     class_names = list(class_names)
     if len(class_names) != predictor.num_classes:
@@ -331,9 +443,36 @@ def evaluate(
             f"model '{model}' has {predictor.num_classes} outputs but the data has {len(class_names)} classes "
             f"({', '.join(class_names)}): evaluate it on data with its own classes"
         )
-    if positive_class is not None:
-        op_lib.resolve_positive_class(class_names, positive_class)
+    return _Images(root, items, class_names, skipped, source, subset_name)
 
+
+def _metrics(
+    setup: _Setup, images: _Images, predictions: _Predictions, point: dict | None, positive_index: int
+) -> tuple[dict, tuple[np.ndarray, float, float] | None]:
+    """The metrics of the report, and the probabilities before temperature scaling for the reliability diagram."""
+    from classifier import metrics
+
+    result = metrics.evaluation_metrics(
+        predictions.y_true,
+        predictions.probabilities,
+        images.class_names,
+        positive_index=positive_index,
+        threshold=point["threshold"] if point else None,
+        n_bins=setup.n_bins,
+    )
+    result["calibration"], before = _calibration(
+        setup.predictor, setup.model, predictions.y_true, predictions.probabilities, images.class_names, setup.n_bins
+    )
+    return result, before
+
+
+def _operating_point(
+    setup: _Setup, class_names: list[str], threshold_method: str | None, positive_class: str | None
+) -> tuple[dict | None, int]:
+    """The operating point to report (chosen now with `threshold_method`, else the stored one), the positive index."""
+    settings_run = setup.settings_run
+    if positive_class is not None:
+        op_lib.resolve_positive_class(class_names, positive_class)  # an unknown name fails before any prediction
     if threshold_method is not None:
         if settings_run is None or not settings_run.split_path.is_file():
             raise UserError(
@@ -341,13 +480,13 @@ def evaluate(
                 f"{SPLIT_FILE})"
             )
         point = choose_threshold(
-            predictor,
+            setup.predictor,
             settings_run,
             threshold_method,
             positive_class=positive_class,
-            resize_mode=resize_mode,
-            batch_size=batch_size,
-            decoding=decoding,
+            resize_mode=setup.resize_mode,
+            batch_size=setup.batch_size,
+            decoding=setup.decoding,
         )
         print(
             f"Operating point ({point['method']}) on {point['count']} validation images: threshold "
@@ -355,7 +494,7 @@ def evaluate(
             f"{point['specificity']:.3f}; saved to {point['path']}"
         )
     else:
-        point = op_lib.find_operating_point(model)
+        point = op_lib.find_operating_point(setup.model)
         if point is None and settings_run is not None:
             point = op_lib.read_operating_point(settings_run.operating_point_path)
     point = _resolve_point(point, class_names, positive_class)
@@ -365,48 +504,64 @@ def evaluate(
         )
     else:
         positive_index = 1
+    return point, positive_index
 
-    paths = [str(Path(root) / rel) for rel, _ in items]
+
+def _predict(setup: _Setup, images: _Images) -> _Predictions:
+    """Runs the model on every image; the unreadable ones are reported and left out."""
+    items = images.items
+    paths = [str(Path(images.root) / rel) for rel, _ in items]
     probabilities, errors = predict_files(
-        predictor,
+        setup.predictor,
         paths,
-        resize_mode=resize_mode,
-        batch_size=batch_size,
-        description=f"evaluating {subset_name}",
+        resize_mode=setup.resize_mode,
+        batch_size=setup.batch_size,
+        description=f"evaluating {images.subset}",
         on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
-        decoding=decoding,
+        decoding=setup.decoding,
     )
-    skipped = list(skipped) + [{"path": items[i][0], "reason": reason} for i, reason in sorted(errors.items())]
+    skipped = list(images.skipped) + [{"path": items[i][0], "reason": reason} for i, reason in sorted(errors.items())]
     keep = [i for i in range(len(items)) if i not in errors]
     if not keep:
-        raise UserError(f"none of the {len(items)} images under '{root}' could be read: see the messages above")
-    y_true = np.array([items[i][1] for i in keep])
-    probabilities = probabilities[keep]
-    kept_paths = [items[i][0] for i in keep]
-
-    result = metrics.evaluation_metrics(
-        y_true,
-        probabilities,
-        class_names,
-        positive_index=positive_index,
-        threshold=point["threshold"] if point else None,
-        n_bins=n_bins,
+        raise UserError(f"none of the {len(items)} images under '{images.root}' could be read: see the messages above")
+    return _Predictions(
+        paths=[items[i][0] for i in keep],
+        y_true=np.array([items[i][1] for i in keep]),
+        probabilities=probabilities[keep],
+        skipped=skipped,
     )
-    result["calibration"], before = _calibration(predictor, model, y_true, probabilities, class_names, n_bins)
+
+
+def _output_dir(setup: _Setup, images: _Images, output_dir: str | Path | None) -> Path:
+    """The output folder (created): as given, else `evaluation/<model name>[-<subset or folder>]` of the run."""
     if output_dir is None:
-        suffix = "" if source == "run" and subset_name == "test" else f"-{subset_name}"
-        if source == "folder":
-            suffix = f"-{Path(root).name}" + ("" if subset_name == "all" else f"-{subset_name}")
-        base = settings_run if settings_run is not None else Run(model.resolve().parent)
-        output_dir = base.evaluation_dir / f"{_model_name(model, predictor.kind)}{suffix}"
+        suffix = "" if images.source == "run" and images.subset == "test" else f"-{images.subset}"
+        if images.source == "folder":
+            suffix = f"-{Path(images.root).name}" + ("" if images.subset == "all" else f"-{images.subset}")
+        base = setup.settings_run if setup.settings_run is not None else Run(setup.model.resolve().parent)
+        output_dir = base.evaluation_dir / f"{_model_name(setup.model, setup.predictor.kind)}{suffix}"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
-    title = f"{model.name} on {len(y_true)} {subset_name} images"
-    y_pred = probabilities.argmax(axis=1)
+
+def _write_figures(
+    setup: _Setup,
+    images: _Images,
+    predictions: _Predictions,
+    result: dict,
+    before: tuple[np.ndarray, float, float] | None,
+    positive_index: int,
+    output_dir: Path,
+) -> None:
+    """Draws the confusion matrices, the ROC curve and the reliability diagram into `output_dir`."""
+    from classifier import plots
+
+    y_true, probabilities, class_names = predictions.y_true, predictions.probabilities, images.class_names
+    title = f"{setup.model.name} on {len(y_true)} {images.subset} images"
     plots.plot_confusion_matrices(
         y_true,
-        y_pred,
+        probabilities.argmax(axis=1),
         class_names,
         output_dir / FIGURES["confusion_matrix"],
         output_dir / FIGURES["confusion_matrix_normalized"],
@@ -424,30 +579,35 @@ def evaluate(
         title,
         result["ece"],
         positive_index,
-        n_bins,
+        setup.n_bins,
         before=before,
     )
-    _write_predictions(output_dir / PREDICTIONS_FILE, kept_paths, y_true, probabilities, class_names)
 
+
+def _write_report(
+    setup: _Setup, images: _Images, predictions: _Predictions, result: dict, point: dict | None, output_dir: Path
+) -> dict:
+    """Writes evaluation.json (keys in `JSON_KEYS` order) and returns it."""
+    predictor = setup.predictor
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {"path": str(model), "kind": predictor.kind, "image_size": predictor.image_size},
+        "model": {"path": str(setup.model), "kind": predictor.kind, "image_size": predictor.image_size},
         "data": {
-            "source": source,
-            "run_dir": str(run_dir) if run_dir is not None else None,
-            "data_dir": str(root),
-            "subset": subset_name,
-            "skipped": skipped,
+            "source": images.source,
+            "run_dir": str(setup.run_dir) if setup.run_dir is not None else None,
+            "data_dir": str(images.root),
+            "subset": images.subset,
+            "skipped": predictions.skipped,
         },
-        "class_names": class_names,
+        "class_names": images.class_names,
         **result,
         "operating_point": point,
         "output_dir": str(output_dir),
         "files": {"report": REPORT_FILE, "predictions": PREDICTIONS_FILE, **FIGURES},
     }
-    report["model"]["resize_mode"] = resize_mode
-    report["model"]["decoding"] = dataclasses.asdict(decoding)
+    report["model"]["resize_mode"] = setup.resize_mode
+    report["model"]["decoding"] = dataclasses.asdict(setup.decoding)
     report = {key: report[key] for key in JSON_KEYS}
     atomic.write_text(output_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
@@ -486,12 +646,13 @@ def _calibration(predictor, model: Path, y_true, probabilities, class_names, n_b
     return summary, (before, summary["ece_before"], temperature)
 
 
-def _write_predictions(path: Path, paths: list[str], y_true, probabilities, class_names: list[str]) -> None:
+def _write_predictions(path: Path, predictions: _Predictions, class_names: list[str]) -> None:
     """One row per image, so the misclassified ones can be found and looked at."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true_label", "predicted_label", "correct", *(f"p_{name}" for name in class_names)])
-        for rel, label, scores in zip(paths, y_true, probabilities, strict=True):
+        rows = zip(predictions.paths, predictions.y_true, predictions.probabilities, strict=True)
+        for rel, label, scores in rows:
             predicted = int(scores.argmax())
             writer.writerow(
                 [rel, class_names[label], class_names[predicted], int(predicted == label)]

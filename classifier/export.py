@@ -45,8 +45,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,12 @@ from classifier import atomic, runlock
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
 from classifier.errors import UserError, run_cli
 from classifier.run import EXPORT_REPORT_FILE, LABELS_FILE, MODEL_FILE, SPLIT_FILE, Run
+
+if TYPE_CHECKING:  # TensorFlow and Keras load only when an export runs
+    import keras
+    import tensorflow as tf
+
+    from classifier import data
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
 TFLITE_FORMATS = ("float32", "float16", "dynamic", "int8")
@@ -107,6 +114,126 @@ class Thresholds:
                 raise UserError(f"{flag} {value:g} is outside 0..1: give a fraction such as {default:g} (the default).")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The caller's choices for one export (see `export_run`), checked before any slow work.
+
+    Attributes:
+        formats: The formats to write, checked, in the order given.
+        calibration_images: Training images to calibrate int8 on.
+        thresholds: The parity gate's limits.
+        num_threads: LiteRT threads for the parity run and the latency measurement.
+        latency_runs: Timed batch-1 predictions per TFLite file.
+        batch_size: Images per batch in the parity run.
+        metadata: Whether every .tflite carries TFLite Model Metadata.
+        seed: Seed for picking the calibration images.
+        keep_float_layers: Layers left in float when full int8 fails the gate; 0 never retries.
+    """
+
+    formats: list[str]
+    calibration_images: int
+    thresholds: Thresholds
+    num_threads: int
+    latency_runs: int
+    batch_size: int
+    metadata: bool
+    seed: int
+    keep_float_layers: int
+
+    def __post_init__(self):
+        if self.calibration_images < 1:
+            raise UserError(
+                f"--calibration-images {self.calibration_images}: give at least 1 (a few hundred is typical)"
+            )
+        if self.num_threads < 1 or self.latency_runs < 1:  # checked now, not after minutes of conversion
+            raise UserError(
+                f"--threads {self.num_threads} / --latency-runs {self.latency_runs}: give 1 or more of each "
+                "(defaults 2 and 50)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Export:
+    """What every step of one export reads: the run, its model and input contract, and the options.
+
+    Attributes:
+        run_dir: The run folder as given.
+        run: The run folder's files.
+        out_dir: Where the exported files go (created).
+        model: The trained Keras model, the reference every file is checked against.
+        split: The run's split; parity runs on `subset`, int8 calibration on its training images.
+        subset: "test", or "val" when the split has no test images.
+        labels: Class names in output order.
+        image_size: The model's input side in pixels.
+        num_classes: The model's number of outputs.
+        resize_mode: How images are resized, as in training.
+        decoding: How image files are decoded (DICOM window), as in training.
+        options: The caller's choices.
+    """
+
+    run_dir: Path
+    run: Run
+    out_dir: Path
+    model: keras.Model
+    split: data.Split
+    subset: str
+    labels: list[str]
+    image_size: int
+    num_classes: int
+    resize_mode: str
+    decoding: data.Decoding
+    options: _Options
+
+
+@dataclasses.dataclass
+class _Converted:
+    """The files written so far, under their staging names, and what a second int8 conversion needs.
+
+    Attributes:
+        files: format -> staged path, the SavedModel first, then the TFLite formats in the order asked.
+        scratch: Conversion scratch folder; lives until the gate is done.
+        source: The SavedModel the TFLite files are converted from; None when no TFLite format is wanted.
+        calibration: The int8 calibration sample (a split); None when int8 is not wanted.
+        representative_dataset: The converter's calibration batches.
+    """
+
+    files: dict[str, Path]
+    scratch: Path
+    source: Path | None
+    calibration: data.Split | None
+    representative_dataset: Callable[[], Iterator[list[np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeldOut:
+    """The held-out images the files are checked on, and what the Keras model predicts for them.
+
+    Attributes:
+        dataset: The batches, read as training read them.
+        keras_probs: The Keras model's probabilities, [N, C].
+        y_true: The true class of each image, [N].
+    """
+
+    dataset: tf.data.Dataset
+    keras_probs: np.ndarray
+    y_true: np.ndarray
+
+
+@dataclasses.dataclass
+class _Parity:
+    """What the parity gate found: one report entry per file (Keras first) and a message per failing format.
+
+    Attributes:
+        formats: format -> report entry, "keras" first.
+        failures: One message per format that failed the gate.
+        images: Number of held-out images compared.
+    """
+
+    formats: dict[str, dict]
+    failures: list[str]
+    images: int
+
+
 @runlock.holding("export")
 def export_run(
     run_dir: str | Path,
@@ -148,149 +275,236 @@ def export_run(
             match the model, there are no held-out images to check against, or metadata was requested and
             mediapipe is not installed.
     """
-    from classifier import data, inference, tflite_metadata
-    from classifier.inference import model_size
+    options = _Options(
+        formats=_check_formats(formats),
+        calibration_images=calibration_images,
+        thresholds=thresholds,
+        num_threads=num_threads,
+        latency_runs=latency_runs,
+        batch_size=batch_size,
+        metadata=metadata,
+        seed=seed,
+        keep_float_layers=keep_float_layers,
+    )
+    export = _open_run(Path(run_dir), out_dir, options)
+    _ship_contract(export)
+    # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
+    # so a re-export that fails never replaces a file that passed before.
+    # The conversion scratch folder lives until the gate is done: a failing int8 is converted again from it.
+    for leftover in export.out_dir.glob(".convert-*"):  # scratch of an export that was killed (this one holds the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=export.out_dir, prefix=".convert-") as scratch:
+        converted = _convert_formats(export, Path(scratch))
+        parity = _check_parity(export, converted)
+    return _write_report(export, converted, parity)
 
-    run_dir = Path(run_dir)
+
+def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _Export:
+    """Checks the run folder before any slow work, loads the model and its input contract, creates the export folder."""
+    from classifier import data, tflite_metadata
+
     run = Run(run_dir)
-    formats = _check_formats(formats)
-    if calibration_images < 1:
-        raise UserError(f"--calibration-images {calibration_images}: give at least 1 (a few hundred is typical)")
-    if num_threads < 1 or latency_runs < 1:  # checked now, not after minutes of conversion
-        raise UserError(
-            f"--threads {num_threads} / --latency-runs {latency_runs}: give 1 or more of each (defaults 2 and 50)"
-        )
-    model_path, split_path = run.model_path, run.split_path
-    for required in (model_path, split_path):
+    for required in (run.model_path, run.split_path):
         if not required.is_file():
             raise UserError(
                 f"'{required}' does not exist: --run-dir must be a run folder written by `python train.py` "
                 f"(with {MODEL_FILE} and {SPLIT_FILE})"
             )
-    if metadata and any(f in TFLITE_FORMATS for f in formats):
+    if options.metadata and any(f in TFLITE_FORMATS for f in options.formats):
         tflite_metadata.load_schema()  # fail now, before minutes of conversion, if mediapipe is missing
 
     import keras
 
-    model = keras.models.load_model(model_path, compile=False)
+    model = keras.models.load_model(run.model_path, compile=False)
     image_size, num_classes = int(model.input_shape[1]), int(model.output_shape[-1])
-    split = data.read_split(split_path)
+    split = data.read_split(run.split_path)
     labels = _read_labels(run, split.class_names, num_classes)
     resize_mode = run.setting("data", "resize_mode") or "stretch"  # test images resized as in training
     decoding = data.run_decoding(run)  # DICOM window: calibration and parity read pixels as training did
     subset = "test" if split.test else "val"
     if not getattr(split, subset):
         raise UserError(
-            f"split '{split_path}' has no test or validation images, so the exported files cannot be checked "
+            f"split '{run.split_path}' has no test or validation images, so the exported files cannot be checked "
             "against the Keras model: train with --set data.test_fraction=0.15 (the default) on more images"
         )
     out_dir = Path(out_dir) if out_dir is not None else run.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    shipped = Run(out_dir)  # laid out like the run folder, so a model there finds its labels and records
-    shipped.write_labels(labels)
+    return _Export(
+        run_dir=run_dir,
+        run=run,
+        out_dir=out_dir,
+        model=model,
+        split=split,
+        subset=subset,
+        labels=labels,
+        image_size=image_size,
+        num_classes=num_classes,
+        resize_mode=resize_mode,
+        decoding=decoding,
+        options=options,
+    )
+
+
+def _ship_contract(export: _Export) -> None:
+    """Writes the labels and copies the run's temperature and decision threshold into the export folder."""
+    shipped = Run(export.out_dir)  # laid out like the run folder, so a model there finds its labels and records
+    shipped.write_labels(export.labels)
     # The temperature and the two-class decision threshold travel with the files (evaluate and predict read them).
     for source, copy in (
-        (run.calibration_path, shipped.calibration_path),
-        (run.operating_point_path, shipped.operating_point_path),
+        (export.run.calibration_path, shipped.calibration_path),
+        (export.run.operating_point_path, shipped.operating_point_path),
     ):
         if source.exists():
             with atomic.replacing(copy) as temporary:
                 shutil.copyfile(source, temporary)
 
-    # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
-    # so a re-export that fails never replaces a file that passed before.
-    # The conversion scratch folder lives until the gate is done: a failing int8 is converted again from it.
-    for leftover in out_dir.glob(".convert-*"):  # scratch of an export that was killed (this one holds the lock)
-        shutil.rmtree(leftover, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as scratch_name:
-        scratch = Path(scratch_name)
-        files: dict[str, Path] = {}
-        if "saved_model" in formats:
-            files["saved_model"] = _export_saved_model(model, image_size, out_dir / _staged(SAVED_MODEL_DIR))
-        calibration = _calibration_sample(split, calibration_images, seed) if "int8" in formats else None
-        wanted_tflite = [f for f in formats if f in TFLITE_FORMATS]
-        representative_dataset = _calibration_batches(data, calibration, image_size, resize_mode, decoding)
 
-        def with_metadata(tflite: bytes, fmt: str) -> bytes:
-            if not metadata:
-                return tflite
-            return tflite_metadata.add_image_classifier_metadata(
-                tflite,
-                labels,
-                name=f"{run_dir.resolve().name} ({fmt})",
-                description=f"Image classifier, {num_classes} classes, {image_size}x{image_size} RGB, {fmt}.",
-                float_input=fmt != "int8",
-            )
+def _convert_formats(export: _Export, scratch: Path) -> _Converted:
+    """Writes every format under its staging name: the SavedModel, then each TFLite file converted from one source."""
+    from classifier import data
 
-        if wanted_tflite:
-            source = _write_conversion_model(model, image_size, scratch / "saved_model")
-            for fmt in wanted_tflite:
-                print(f"converting {fmt} ...", flush=True)
-                files[fmt] = out_dir / _staged(tflite_file_name(fmt))
-                _write_atomic(files[fmt], with_metadata(_convert(source, fmt, representative_dataset), fmt))
-
-        dataset = data.make_dataset(
-            split, subset, image_size=image_size, batch_size=batch_size, resize_mode=resize_mode, decoding=decoding
+    files: dict[str, Path] = {}
+    if "saved_model" in export.options.formats:
+        files["saved_model"] = _export_saved_model(
+            export.model, export.image_size, export.out_dir / _staged(SAVED_MODEL_DIR)
         )
-        predictors = {fmt: inference.load_predictor(path, num_threads=num_threads) for fmt, path in files.items()}
-        probs, keras_probs, y_true, signature_check = _run_all(model, predictors, dataset, batch_size)
-        keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
-        report_formats: dict[str, dict] = {
-            "keras": {"file": model_path.name, "size_bytes": model_path.stat().st_size, "accuracy": keras_accuracy}
-        }
-        failures = []
-        for fmt, path in files.items():
-            entry = _parity(probs[fmt], keras_probs, y_true)
-            final = path.with_name(path.name.removeprefix(STAGING_PREFIX))
-            entry = {"file": final.name, "size_bytes": model_size(path), **entry}
-            if fmt == "saved_model":
-                entry.update(signature_check)
-            else:
-                entry.update(_tflite_details(predictors[fmt], latency_runs))
-            problems = _gate(fmt, entry, thresholds)
-            if fmt == "int8" and problems and keep_float_layers > 0:
-                # Full int8 lost accuracy: keep the layers with the largest quantization error in float and check again.
-                print(f"int8: {'; '.join(problems)}; keeping the {keep_float_layers} worst layers in float ...")
-                tflite, kept = _selective_int8(source, representative_dataset, keep_float_layers, scratch)
-                _write_atomic(path, with_metadata(tflite, fmt))
-                predictors[fmt] = inference.load_predictor(path, num_threads=num_threads)
-                retried, _, _, _ = _run_all(model, {fmt: predictors[fmt]}, dataset, batch_size)
-                first = {key: entry[key] for key in ("accuracy", "accuracy_drop", "accuracy_drop_ci95")}
-                entry.update(_parity(retried[fmt], keras_probs, y_true), size_bytes=model_size(path))
-                entry.update(_tflite_details(predictors[fmt], latency_runs), float_layers=kept, full_int8=first)
-                problems = _gate(fmt, entry, thresholds)
-            entry["passed"] = not problems
-            failed = final.with_name(failed_name(final.name))
-            if problems:
-                _move(path, failed)
-                entry["file"] = failed.name
-                kept = f"; the earlier {final.name} is kept" if final.exists() else ""
-                failures.append(f"{fmt}: {'; '.join(problems)} (written as {failed.name}{kept})")
-            else:
-                _move(path, final)
-                _remove(failed)  # a FAILED file left by an earlier export would contradict this one
-            report_formats[fmt] = entry
+    calibration = (
+        _calibration_sample(export.split, export.options.calibration_images, export.options.seed)
+        if "int8" in export.options.formats
+        else None
+    )
+    wanted_tflite = [f for f in export.options.formats if f in TFLITE_FORMATS]
+    representative_dataset = _calibration_batches(
+        data, calibration, export.image_size, export.resize_mode, export.decoding
+    )
+    source = None
+    if wanted_tflite:
+        source = _write_conversion_model(export.model, export.image_size, scratch / "saved_model")
+        for fmt in wanted_tflite:
+            print(f"converting {fmt} ...", flush=True)
+            files[fmt] = export.out_dir / _staged(tflite_file_name(fmt))
+            _write_atomic(files[fmt], _with_metadata(export, _convert(source, fmt, representative_dataset), fmt))
+    return _Converted(files, scratch, source, calibration, representative_dataset)
 
-    report = {
-        "run_dir": str(run_dir),
-        "export_dir": str(out_dir),
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "labels": labels,
-        "temperature": calibration_lib.model_temperature(model),  # inside every exported graph; None: an older model
-        "resize_mode": resize_mode,
-        "decoding": dataclasses.asdict(decoding),
-        "parity_subset": subset,
-        "parity_images": len(y_true),
-        "calibration_images": len(calibration.train) if calibration else None,
-        "num_threads": num_threads,
-        "metadata": metadata,
-        "thresholds": dataclasses.asdict(thresholds),
-        "formats": report_formats,
-        "passed": not failures,
-        "failures": failures,
+
+def _with_metadata(export: _Export, tflite: bytes, fmt: str) -> bytes:
+    """Embeds the labels and the input description in a .tflite, unless metadata is off."""
+    from classifier import tflite_metadata
+
+    if not export.options.metadata:
+        return tflite
+    size = export.image_size
+    return tflite_metadata.add_image_classifier_metadata(
+        tflite,
+        export.labels,
+        name=f"{export.run_dir.resolve().name} ({fmt})",
+        description=f"Image classifier, {export.num_classes} classes, {size}x{size} RGB, {fmt}.",
+        float_input=fmt != "int8",
+    )
+
+
+def _check_parity(export: _Export, converted: _Converted) -> _Parity:
+    """Runs Keras and every staged file on the held-out images, gates each file and moves it to its final name."""
+    from classifier import data, inference
+    from classifier.inference import model_size
+
+    dataset = data.make_dataset(
+        export.split,
+        export.subset,
+        image_size=export.image_size,
+        batch_size=export.options.batch_size,
+        resize_mode=export.resize_mode,
+        decoding=export.decoding,
+    )
+    predictors = {
+        fmt: inference.load_predictor(path, num_threads=export.options.num_threads)
+        for fmt, path in converted.files.items()
     }
-    atomic.write_text(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    probs, keras_probs, y_true, signature_check = _run_all(export.model, predictors, dataset, export.options.batch_size)
+    held_out = _HeldOut(dataset, keras_probs, y_true)
+    model_path = export.run.model_path
+    keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
+    parity = _Parity(
+        formats={
+            "keras": {"file": model_path.name, "size_bytes": model_path.stat().st_size, "accuracy": keras_accuracy}
+        },
+        failures=[],
+        images=len(y_true),
+    )
+    for fmt, path in converted.files.items():
+        final = path.with_name(path.name.removeprefix(STAGING_PREFIX))
+        entry = {"file": final.name, "size_bytes": model_size(path), **_parity(probs[fmt], keras_probs, y_true)}
+        if fmt == "saved_model":
+            entry.update(signature_check)
+        else:
+            entry.update(_tflite_details(predictors[fmt], export.options.latency_runs))
+        problems = _gate(fmt, entry, export.options.thresholds)
+        if fmt == "int8" and problems and export.options.keep_float_layers > 0:
+            problems = _retry_int8(export, converted, held_out, entry, problems)
+        parity.formats[fmt] = _settle(fmt, path, final, entry, problems, parity.failures)
+    return parity
+
+
+def _retry_int8(
+    export: _Export, converted: _Converted, held_out: _HeldOut, entry: dict, problems: list[str]
+) -> list[str]:
+    """Converts int8 again with its worst layers in float, updates `entry` in place and returns the new problems."""
+    from classifier import inference
+    from classifier.inference import model_size
+
+    options, path = export.options, converted.files["int8"]
+    # Full int8 lost accuracy: keep the layers with the largest quantization error in float and check again.
+    print(f"int8: {'; '.join(problems)}; keeping the {options.keep_float_layers} worst layers in float ...")
+    tflite, kept = _selective_int8(
+        converted.source, converted.representative_dataset, options.keep_float_layers, converted.scratch
+    )
+    _write_atomic(path, _with_metadata(export, tflite, "int8"))
+    predictor = inference.load_predictor(path, num_threads=options.num_threads)
+    retried, _, _, _ = _run_all(export.model, {"int8": predictor}, held_out.dataset, options.batch_size)
+    first = {key: entry[key] for key in ("accuracy", "accuracy_drop", "accuracy_drop_ci95")}
+    entry.update(_parity(retried["int8"], held_out.keras_probs, held_out.y_true), size_bytes=model_size(path))
+    entry.update(_tflite_details(predictor, options.latency_runs), float_layers=kept, full_int8=first)
+    return _gate("int8", entry, options.thresholds)
+
+
+def _settle(fmt: str, path: Path, final: Path, entry: dict, problems: list[str], failures: list[str]) -> dict:
+    """Moves a staged file to its final name if it passed, else to its FAILED name (adding to `failures`)."""
+    entry["passed"] = not problems
+    failed = final.with_name(failed_name(final.name))
+    if problems:
+        _move(path, failed)
+        entry["file"] = failed.name
+        kept = f"; the earlier {final.name} is kept" if final.exists() else ""
+        failures.append(f"{fmt}: {'; '.join(problems)} (written as {failed.name}{kept})")
+    else:
+        _move(path, final)
+        _remove(failed)  # a FAILED file left by an earlier export would contradict this one
+    return entry
+
+
+def _write_report(export: _Export, converted: _Converted, parity: _Parity) -> dict:
+    """Writes `export_report.json` and returns the report."""
+    report = {
+        "run_dir": str(export.run_dir),
+        "export_dir": str(export.out_dir),
+        "image_size": export.image_size,
+        "num_classes": export.num_classes,
+        "labels": export.labels,
+        # Inside every exported graph; None: an older model.
+        "temperature": calibration_lib.model_temperature(export.model),
+        "resize_mode": export.resize_mode,
+        "decoding": dataclasses.asdict(export.decoding),
+        "parity_subset": export.subset,
+        "parity_images": parity.images,
+        "calibration_images": len(converted.calibration.train) if converted.calibration else None,
+        "num_threads": export.options.num_threads,
+        "metadata": export.options.metadata,
+        "thresholds": dataclasses.asdict(export.options.thresholds),
+        "formats": parity.formats,
+        "passed": not parity.failures,
+        "failures": parity.failures,
+    }
+    atomic.write_text(export.out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 

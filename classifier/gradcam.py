@@ -17,19 +17,25 @@ longer carries in usable form. The preprocessing is inside the model, so the hea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from classifier.errors import UserError
 from classifier.run import MODEL_FILE, Run
 
+if TYPE_CHECKING:
+    from classifier.data import Decoding
+
 COLORMAP = "jet"  # the convention of Grad-CAM figures: red = strongest evidence, blue = none
 OVERLAY_ALPHA = 0.6  # opacity of the colour where the heatmap is 1; the image shows through where it is 0
 DISPLAY_SIZE = 256  # smallest side of a written overlay: a 48 px model input is unreadable at its own size
 SHEET_PAGE = 64  # images per contact sheet page
+SHEET_HEADING = "Grad-CAM: where the evidence for the class named under each image was (red strongest)"
 SUMMARY_FILE = "gradcam.csv"
 TENSORBOARD_IMAGES = 16  # validation images in the Grad-CAM grid written at the end of training
 
@@ -272,6 +278,69 @@ def _overlay_name(path: str, taken: set[str]) -> str:
     return next(f"{name}.gradcam.png" for name in candidates if f"{name}.gradcam.png" not in taken)
 
 
+@dataclasses.dataclass
+class _ContactSheets:
+    """Contact sheet pages, each written once it is full (or at the end).
+
+    Attributes:
+        output_dir: Folder the pages go into.
+        written: The pages written so far.
+        page: (overlay, title) of the images on the page being filled.
+    """
+
+    output_dir: Path
+    written: list[Path] = dataclasses.field(default_factory=list)
+    page: list[tuple[np.ndarray, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, picture: np.ndarray, title: str) -> None:
+        """Puts an overlay on the current page, writing the page first when it is full."""
+        if len(self.page) == SHEET_PAGE:  # a full page and one more image: there will be several pages
+            self.flush(numbered=True)
+        self.page.append((picture, title))
+
+    def flush(self, numbered: bool) -> None:
+        """Writes the current page, if it has any image."""
+        if self.page:
+            target = sheet_path(self.output_dir, len(self.written), numbered)
+            pictures, titles = [p for p, _ in self.page], [t for _, t in self.page]
+            self.written.append(contact_sheet(pictures, titles, target, SHEET_HEADING))
+            self.page.clear()
+
+
+@dataclasses.dataclass
+class _Explaining:
+    """What the steps of `explain_files` share: the model, how images are read and named, and what was written.
+
+    Attributes:
+        cam: The Grad-CAM of the model.
+        labels: Class names in output order.
+        output_dir: Folder written into.
+        resize_mode: As the model was trained.
+        decoding: A `data.Decoding`, or None for the defaults.
+        decide: Maps probabilities to the predicted classes; None for argmax.
+        on_error: Called with (path, reason) for every unreadable file, or None.
+        sheets: The contact sheets.
+        rows: One summary row per image handled so far, in the order handled.
+        used_names: Overlay file names taken so far.
+    """
+
+    cam: GradCam
+    labels: list[str]
+    output_dir: Path
+    resize_mode: str
+    decoding: Decoding | None
+    decide: Callable[[np.ndarray], np.ndarray] | None
+    on_error: Callable[[str, str], None] | None
+    sheets: _ContactSheets
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    used_names: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def display(self) -> int:
+        """Side of the written overlays: the model's input size, at least `DISPLAY_SIZE`."""
+        return max(self.cam.image_size, DISPLAY_SIZE)
+
+
 def explain_files(
     model,
     paths: Sequence[str],
@@ -305,86 +374,100 @@ def explain_files(
         {"output_dir", "contact_sheets": [paths], "summary": path of gradcam.csv, "rows": [{path, overlay,
         explained, predicted, probability (of the explained class), predicted_probability, error}]}.
     """
-    import csv
-
-    from PIL import Image
-
-    from classifier import atomic, data
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    cam = GradCam(model)
-    size = cam.image_size
-    display = max(size, DISPLAY_SIZE)
+    explaining = _Explaining(
+        GradCam(model), labels, output_dir, resize_mode, decoding, decide, on_error, _ContactSheets(output_dir)
+    )
     one_for_all = classes is None or isinstance(classes, int | np.integer)
     per_image = [classes] * len(paths) if one_for_all else list(classes)
     assert len(per_image) == len(paths), "one class (or None) per image"
-    used_names: set[str] = set()
-    rows: list[dict] = []
-    sheet: list[tuple[np.ndarray, str]] = []
-    sheets: list[Path] = []
-    heading = "Grad-CAM: where the evidence for the class named under each image was (red strongest)"
-
-    def flush_sheet(numbered: bool) -> None:
-        if sheet:
-            target = sheet_path(output_dir, len(sheets), numbered)
-            sheets.append(contact_sheet([p for p, _ in sheet], [t for _, t in sheet], target, heading))
-            sheet.clear()
-
     for start in range(0, len(paths), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(paths))))
-        good, model_view, display_view = [], [], []
-        for index in chunk:
-            try:
-                pixels = data.load_image(paths[index], decoding)
-                model_view.append(data.resize_image(pixels, size, resize_mode).numpy())
-                display_view.append(data.resize_image(pixels, display, resize_mode).numpy())
-                good.append(index)
-            except Exception as error:  # Pillow and pydicom raise many types: reported per file, never fatal
-                reason = f"cannot read image: {type(error).__name__}: {error}"
-                rows.append({"path": paths[index], "overlay": None, "error": reason})
-                if on_error is not None:
-                    on_error(paths[index], reason)
-        if not good:
-            continue
-        wanted = [per_image[i] for i in good]
-        maps, probabilities, explained, predicted = cam.heatmaps(np.stack(model_view), wanted, decide)
-        for j, index in enumerate(good):
-            candidate = _overlay_name(paths[index], used_names)
-            used_names.add(candidate)
-            overlaid = overlay(display_view[j], maps[j])
-            picture = side_by_side(display_view[j], overlaid)
-            with atomic.replacing(output_dir / candidate) as temporary:
-                Image.fromarray(picture).save(temporary, format="PNG")
-            c, p = int(explained[j]), int(predicted[j])
-            row = {
-                "path": paths[index],
-                "overlay": candidate,
-                "explained": labels[c],
-                "predicted": labels[p],
-                "probability": float(probabilities[j, c]),
-                "predicted_probability": float(probabilities[j, p]),
-                "error": None,
-            }
-            rows.append(row)
-            title = f"{candidate.removesuffix('.gradcam.png')[:28]}\n{labels[c]} {row['probability']:.2f}"
-            if c != p:
-                title += f" (predicted {labels[p]})"
-            if len(sheet) == SHEET_PAGE:  # a full page and one more image: there will be several pages
-                flush_sheet(numbered=True)
-            sheet.append((overlaid, title))
-    flush_sheet(numbered=bool(sheets))
+        batch = range(start, min(start + batch_size, len(paths)))
+        good, model_view, display_view = _read_images(explaining, paths, batch)
+        if good:
+            _explain_batch(explaining, [paths[i] for i in good], [per_image[i] for i in good], model_view, display_view)
+    sheets = explaining.sheets
+    sheets.flush(numbered=bool(sheets.written))
     order = {path: i for i, path in enumerate(paths)}
-    rows.sort(key=lambda row: order[row["path"]])
+    rows = sorted(explaining.rows, key=lambda row: order[row["path"]])
+    _write_summary(output_dir / SUMMARY_FILE, rows)
+    return {
+        "output_dir": str(output_dir),
+        "contact_sheets": [str(path) for path in sheets.written],
+        "summary": str(output_dir / SUMMARY_FILE),
+        "rows": rows,
+    }
+
+
+def _read_images(
+    explaining: _Explaining, paths: Sequence[str], indices: range
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """(readable indices, their pixels at the model's size, at the display size); an unreadable file gets a row."""
+    from classifier import data
+
+    good, model_view, display_view = [], [], []
+    for index in indices:
+        try:
+            pixels = data.load_image(paths[index], explaining.decoding)
+            model_view.append(data.resize_image(pixels, explaining.cam.image_size, explaining.resize_mode).numpy())
+            display_view.append(data.resize_image(pixels, explaining.display, explaining.resize_mode).numpy())
+            good.append(index)
+        except Exception as error:  # Pillow and pydicom raise many types: reported per file, never fatal
+            reason = f"cannot read image: {type(error).__name__}: {error}"
+            explaining.rows.append({"path": paths[index], "overlay": None, "error": reason})
+            if explaining.on_error is not None:
+                explaining.on_error(paths[index], reason)
+    return good, model_view, display_view
+
+
+def _explain_batch(
+    explaining: _Explaining,
+    paths: list[str],
+    wanted: list[int | None],
+    model_view: list[np.ndarray],
+    display_view: list[np.ndarray],
+) -> None:
+    """Writes the overlay of each image of a batch, adds it to the contact sheets and its row to the summary."""
+    from PIL import Image
+
+    from classifier import atomic
+
+    labels = explaining.labels
+    maps, probabilities, explained, predicted = explaining.cam.heatmaps(np.stack(model_view), wanted, explaining.decide)
+    for j, path in enumerate(paths):
+        candidate = _overlay_name(path, explaining.used_names)
+        explaining.used_names.add(candidate)
+        overlaid = overlay(display_view[j], maps[j])
+        picture = side_by_side(display_view[j], overlaid)
+        with atomic.replacing(explaining.output_dir / candidate) as temporary:
+            Image.fromarray(picture).save(temporary, format="PNG")
+        c, p = int(explained[j]), int(predicted[j])
+        row = {
+            "path": path,
+            "overlay": candidate,
+            "explained": labels[c],
+            "predicted": labels[p],
+            "probability": float(probabilities[j, c]),
+            "predicted_probability": float(probabilities[j, p]),
+            "error": None,
+        }
+        explaining.rows.append(row)
+        title = f"{candidate.removesuffix('.gradcam.png')[:28]}\n{labels[c]} {row['probability']:.2f}"
+        if c != p:
+            title += f" (predicted {labels[p]})"
+        explaining.sheets.add(overlaid, title)
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    """Writes gradcam.csv: one row per image, in the order given."""
+    import csv
+
+    from classifier import atomic
+
     columns = ["path", "overlay", "explained", "predicted", "probability", "predicted_probability", "error"]
-    with atomic.replacing(output_dir / SUMMARY_FILE) as temporary, open(temporary, "w", newline="") as handle:
+    with atomic.replacing(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
-    return {
-        "output_dir": str(output_dir),
-        "contact_sheets": [str(path) for path in sheets],
-        "summary": str(output_dir / SUMMARY_FILE),
-        "rows": rows,
-    }

@@ -25,11 +25,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from classifier.errors import UserError, run_cli
 from classifier.inference import (
+    Predictor,
     add_dicom_arguments,
     class_labels,
     collect_inputs,
@@ -40,6 +42,9 @@ from classifier.inference import (
 )
 from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
+
+if TYPE_CHECKING:
+    from classifier.data import Decoding
 
 FORMATS = ("csv", "json")
 
@@ -98,6 +103,25 @@ def to_csv(rows: list[dict], top_k: int, rule: dict | None) -> str:
     return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Reader:
+    """The model and how images are read and decided for it, shared by the steps of `predict`.
+
+    Attributes:
+        predictor: The opened model.
+        labels: Class names in output order.
+        rule: The two-class threshold rule (`operating_point.decision_rule`), or None for the most probable class.
+        resize_mode: How images are resized.
+        decoding: How image files are decoded (DICOM window and frames).
+    """
+
+    predictor: Predictor
+    labels: list[str]
+    rule: dict | None
+    resize_mode: str
+    decoding: Decoding
+
+
 def predict(
     model: str | os.PathLike,
     inputs: Sequence[str],
@@ -138,15 +162,57 @@ def predict(
         UserError: no input, a bad option, a model that cannot be loaded, or `explain_dir` with a TFLite or
             SavedModel model or a folder that cannot be written.
     """
+    _check_request(model, inputs, top_k, explain_dir)
+    files, problems = _find_images(inputs)
+    run = Run.of_model(model)
+    decoding = run_decoding_with(run, dicom_window, dicom_frames)
+    files = _frames(files, decoding)
+    reader = _open(model, run, decoding, threads, resize_mode, threshold, use_operating_point)
+    probabilities, errors = predict_files(
+        reader.predictor,
+        files,
+        resize_mode=reader.resize_mode,
+        batch_size=batch_size,
+        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        decoding=decoding,
+    )
+    top_k = min(top_k, len(reader.labels))
+    rows = prediction_rows(files, probabilities, errors, reader.labels, top_k, reader.rule)
+    explained = _explain(reader, rows, explain_dir, batch_size) if explain_dir is not None else None
+    rows += [{"path": p["path"], "label": None, "top_k": [], "error": p["error"]} for p in problems]
+    return {
+        "model": str(model),
+        "kind": reader.predictor.kind,
+        "labels": reader.labels,
+        "image_size": reader.predictor.image_size,
+        "resize_mode": reader.resize_mode,
+        "decoding": dataclasses.asdict(decoding),
+        "decision": reader.rule,
+        "top_k": top_k,
+        "count": len(rows),
+        "errors": len(errors) + len(problems),
+        "predictions": rows,
+        "explain": explained,
+    }
+
+
+def _check_request(
+    model: str | os.PathLike, inputs: Sequence[str], top_k: int, explain_dir: str | os.PathLike | None
+) -> None:
+    """Refuses a request that cannot work before any image is read (and makes sure `explain_dir` is writable)."""
     if not inputs:
         raise UserError("no input images: pass image files, folders or glob patterns after the options")
     if top_k < 1:
         raise UserError(f"--top-k {top_k}: give 1 or more")
-    if explain_dir is not None:  # refused before any work
+    if explain_dir is not None:
         from classifier import gradcam
 
         gradcam.refuse_unexplainable(model)
         gradcam.prepare_output_dir(explain_dir)
+
+
+def _find_images(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """(image files, problems) of the inputs; each problem is reported on stderr, and none found is an error."""
     files, problems = collect_inputs(inputs)
     for problem in problems:
         print(f"skipped {problem['path']}: {problem['error']}", file=sys.stderr)
@@ -155,55 +221,50 @@ def predict(
             f"no image files found in {', '.join(map(repr, inputs))}: pass existing files, folders holding "
             "images, or quoted glob patterns such as 'scans/**/*.png'"
         )
+    return files, problems
+
+
+def _frames(files: list[str], decoding: Decoding) -> list[str]:
+    """The inputs to predict: each file, or with `dicom_frames: all` each frame of a DICOM file (`data.frame_ref`)."""
     from classifier import data
 
-    run = Run.of_model(model)
-    decoding = run_decoding_with(run, dicom_window, dicom_frames)
-    files = [ref for path in files for ref in data.frame_refs(path, decoding)]
+    return [ref for path in files for ref in data.frame_refs(path, decoding)]
+
+
+def _open(
+    model: str | os.PathLike,
+    run: Run | None,
+    decoding: Decoding,
+    threads: int | None,
+    resize_mode: str | None,
+    threshold: float | None,
+    use_operating_point: bool,
+) -> _Reader:
+    """Opens the model and settles its labels, decision rule and resize mode (the run's unless given)."""
     predictor = open_model(model, threads)
     labels = class_labels(predictor)
     rule = decision_rule(predictor, labels, threshold, use_operating_point)
     resize_mode = resize_mode or run_resize_mode(run) or "stretch"
-    probabilities, errors = predict_files(
-        predictor,
-        files,
-        resize_mode=resize_mode,
-        batch_size=batch_size,
-        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
-        decoding=decoding,
+    return _Reader(predictor, labels, rule, resize_mode, decoding)
+
+
+def _explain(reader: _Reader, rows: list[dict], explain_dir: str | os.PathLike, batch_size: int) -> dict:
+    """Writes the Grad-CAM overlays of the readable images, each for its label; returns where they went."""
+    from classifier import gradcam
+
+    readable = [row for row in rows if row["error"] is None]
+    explained = gradcam.explain_files(
+        reader.predictor.model,
+        [row["path"] for row in readable],
+        explain_dir,
+        reader.labels,
+        classes=[reader.labels.index(row["label"]) for row in readable],
+        decide=decision_function(reader.rule),
+        resize_mode=reader.resize_mode,
+        decoding=reader.decoding,
+        batch_size=min(batch_size, 16),
     )
-    top_k = min(top_k, len(labels))
-    rows = prediction_rows(files, probabilities, errors, labels, top_k, rule)
-    explained = None
-    if explain_dir is not None:
-        readable = [row for row in rows if row["error"] is None]
-        explained = gradcam.explain_files(
-            predictor.model,
-            [row["path"] for row in readable],
-            explain_dir,
-            labels,
-            classes=[labels.index(row["label"]) for row in readable],
-            decide=decision_function(rule),
-            resize_mode=resize_mode,
-            decoding=decoding,
-            batch_size=min(batch_size, 16),
-        )
-        explained = {key: explained[key] for key in ("output_dir", "contact_sheets", "summary")}
-    rows += [{"path": p["path"], "label": None, "top_k": [], "error": p["error"]} for p in problems]
-    return {
-        "model": str(model),
-        "kind": predictor.kind,
-        "labels": labels,
-        "image_size": predictor.image_size,
-        "resize_mode": resize_mode,
-        "decoding": dataclasses.asdict(decoding),
-        "decision": rule,
-        "top_k": top_k,
-        "count": len(rows),
-        "errors": len(errors) + len(problems),
-        "predictions": rows,
-        "explain": explained,
-    }
+    return {key: explained[key] for key in ("output_dir", "contact_sheets", "summary")}
 
 
 def build_parser() -> argparse.ArgumentParser:
