@@ -891,62 +891,17 @@ def _train_in(
     extra_callbacks: list[keras.callbacks.Callback] | tuple,
     started: float,
 ) -> Path:
+    """One training run, step by step: the folder and its split, the devices, the input pipelines and the model;
+    the phases not yet finished; then the final model, its metrics and the files that mark the run finished."""
+    run = Run(run_dir)
     # A mistake found while setting up (too large a batch, a bad size) must not leave a half-made run folder
     # that the next attempt would take for an interrupted run.
-    run = Run(run_dir)
     with _removed_on_user_error(run_dir, keep=resumed):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run.write_config(config)
-        run.checkpoints.mkdir(exist_ok=True)
-        for folder in (run_dir, run.checkpoints, run.checkpoints / checkpoints_lib.BACKUP_FOLDER):
-            atomic.remove_leftovers(folder)  # what writers killed mid-write left; their previous files are intact
-
-        # Data: the split is written once and reused on resume, evaluation and export.
-        split = data.prepare_split(
-            config.data.data_dir,
-            run_dir,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
-            seed=config.data.seed,
-            decoding=data.Decoding.from_settings(config.data),
-            group_by=config.data.group_by,
-        )
-        run.write_labels(split.class_names)
-        _print_data_summary(split, run_dir)
-        positive = config.data.positive_class
-        if positive is not None and (len(split.class_names) != 2 or positive not in split.class_names):
-            raise UserError(
-                f"positive_class '{positive}' needs a two-class dataset with a class of that name; the classes are "
-                f"{split.class_names}: set data.positive_class to one of them, or leave it out."
-            )
-
-        # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
-        # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
-        keras.utils.set_random_seed(config.data.seed)
-        strategy = distribute.make_strategy(config.runtime.devices, role)
-        mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
-        keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
-        global_batch = config.data.batch_size * strategy.num_replicas_in_sync
-        data.check_batch_size(split, global_batch)
-        print(
-            f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
-            f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
-            f"image size {config.data.image_size}px."
-        )
-        if role.workers > 1:
-            print(f"Cluster: this process is {role.describe()}.")
+        split = _prepare_folder(run, config)
+        strategy, global_batch = _devices(config, role, split)
         with _naming_unreadable_images(split, config):  # the memory cache is filled here
             pipelines = _Pipelines.create(split, config, global_batch, strategy.num_replicas_in_sync, role.workers > 1)
-        weights_by_class = _class_weights(config.train.class_weights, split)
-        if weights_by_class:
-            shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
-            print(f"Class weights (balanced): {shown}")
-        elif config.train.class_weights == "auto" and data.class_weights(split) is not None:
-            print(
-                "Class weights: none, although the classes are imbalanced: with two classes the operating point "
-                "chosen on the validation split sets the threshold (--set train.class_weights=on to weigh the loss)."
-            )
-
+        weights_by_class = _announced_class_weights(config.train.class_weights, split)
         with strategy.scope():
             model = model_lib.build_classifier(
                 config.model.backbone,
@@ -955,7 +910,6 @@ def _train_in(
                 weights=config.model.weights,
                 dropout=config.model.dropout,
             )
-
     ctx = _Context(
         run_dir=run_dir,
         config=config,
@@ -970,7 +924,75 @@ def _train_in(
     )
     with _naming_unreadable_images(split, config):
         throughput = _fit_phases(model, ctx)
-    finishing = ctx.finishing
+    _finish(model, ctx, throughput, started, resumed)
+    return run_dir
+
+
+def _prepare_folder(run: Run, config: Config) -> data.Split:
+    """The run folder with its settings, split and labels (the split is made once and reused on resume)."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_config(config)
+    run.checkpoints.mkdir(exist_ok=True)
+    for folder in (run.root, run.checkpoints, run.checkpoints / checkpoints_lib.BACKUP_FOLDER):
+        atomic.remove_leftovers(folder)  # what writers killed mid-write left; their previous files are intact
+    split = data.prepare_split(
+        config.data.data_dir,
+        run.root,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.data.seed,
+        decoding=data.Decoding.from_settings(config.data),
+        group_by=config.data.group_by,
+    )
+    run.write_labels(split.class_names)
+    _print_data_summary(split, run.root)
+    positive = config.data.positive_class
+    if positive is not None and (len(split.class_names) != 2 or positive not in split.class_names):
+        raise UserError(
+            f"positive_class '{positive}' needs a two-class dataset with a class of that name; the classes are "
+            f"{split.class_names}: set data.positive_class to one of them, or leave it out."
+        )
+    return split
+
+
+def _devices(config: Config, role: distribute.Role, split: data.Split) -> tuple[tf.distribute.Strategy, int]:
+    """The seeded generators, the distribution strategy, the precision policy and the global batch, printed."""
+    # Head initialisation, dropout and augmentation draw from the seeded generators: the same command gives
+    # the same split and nearly the same model (multi-threaded CPU kernels still add rounding noise).
+    keras.utils.set_random_seed(config.data.seed)
+    strategy = distribute.make_strategy(config.runtime.devices, role)
+    mixed = use_mixed_precision(config.runtime.mixed_precision, strategy)
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+    global_batch = config.data.batch_size * strategy.num_replicas_in_sync
+    data.check_batch_size(split, global_batch)
+    print(
+        f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
+        f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
+        f"image size {config.data.image_size}px."
+    )
+    if role.workers > 1:
+        print(f"Cluster: this process is {role.describe()}.")
+    return strategy, global_batch
+
+
+def _announced_class_weights(setting: str, split: data.Split) -> dict[int, float] | None:
+    """`_class_weights`, and a line saying which were chosen (or why none were, for two imbalanced classes)."""
+    weights_by_class = _class_weights(setting, split)
+    if weights_by_class:
+        shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
+        print(f"Class weights (balanced): {shown}")
+    elif setting == "auto" and data.class_weights(split) is not None:
+        print(
+            "Class weights: none, although the classes are imbalanced: with two classes the operating point "
+            "chosen on the validation split sets the threshold (--set train.class_weights=on to weigh the loss)."
+        )
+    return weights_by_class
+
+
+def _finish(model: keras.Model, ctx: _Context, throughput: dict, started: float, resumed: bool) -> None:
+    """The best weights, calibrated and saved as model.keras; metrics, plots and TensorBoard images; metrics.json
+    last, since its presence marks the run as finished. Each step is timed (`finishing_seconds` in metrics.json)."""
+    run, finishing = Run(ctx.run_dir), ctx.finishing
     with finishing.step("predictions"):
         store = checkpoints_lib.BestStore(run.checkpoints)
         best = store.record()
@@ -980,18 +1002,16 @@ def _train_in(
         model, record = _calibrate(model, ctx, logits)
     with finishing.step("saving"):
         _save_model(model, run.model_path)
-
     metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
     with finishing.step("plots"):
-        callbacks.write_hparams(run.logs, _flat_hparams(config))
-        plots.plot_training_curves(run_dir)
+        callbacks.write_hparams(run.logs, _flat_hparams(ctx.config))
+        plots.plot_training_curves(run.root)
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
     metrics["finishing_seconds"] = finishing.seconds
     print(f"After training: {finishing.describe()}.")
     run.write_metrics(metrics)  # written last: its presence marks the run as finished
-    _print_summary(run_dir, metrics)
-    return run_dir
+    _print_summary(run.root, metrics)
 
 
 def _subset_logits(model: keras.Model, ctx: _Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
