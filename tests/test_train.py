@@ -369,3 +369,15 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_the_logged_learning_rate_is_the_epochs_mean_not_its_last_step():
+    from classifier.callbacks import LearningRateLogger
+
+    schedule = keras.optimizers.schedules.CosineDecay(1.0, decay_steps=10)  # 1 -> 0 over the epoch's 10 steps
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    x = np.zeros((40, 2), "float32")
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0, callbacks=[LearningRateLogger()])
+    by_hand = np.mean([0.5 * (1 + np.cos(np.pi * step / 10)) for step in range(10)])  # the rates steps 0-9 used
+    assert history.history["learning_rate"][0] == pytest.approx(by_hand, rel=1e-5)  # 0.55, where the last step is 0.02
