@@ -65,7 +65,12 @@ def test_tflite_labels_travel_inside_the_file(exported, tmp_path):
 
 
 def test_latency_is_measured_at_batch_one(exported):
-    latency = measure_latency(load_predictor(exported / "export" / "model_int8.tflite"), runs=5, warmup=1)
+    predictor = load_predictor(exported / "export" / "model_int8.tflite")
+    seen = []  # the batches the model was actually given
+    predict = predictor.predict
+    predictor.predict = lambda images, batch_size=32: seen.append(images.shape) or predict(images, batch_size)
+    latency = measure_latency(predictor, runs=5, warmup=1)
+    assert seen == [(1, predictor.image_size, predictor.image_size, 3)] * 6  # one warm-up, five timed: one image each
     assert latency["runs"] == 5 and 0 < latency["median_ms"] <= latency["p90_ms"]
 
 

@@ -8,11 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
     roc_curve,
 )
 
@@ -40,31 +35,40 @@ def assert_valid_png(path) -> None:
         assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
 
 
-def test_metrics_match_scikit_learn():
-    y_true, probabilities = hand_made_predictions()
-    y_pred = probabilities.argmax(axis=1)
+def pairwise_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC-AUC as the share of (positive, negative) pairs ranked right, ties counting half (Mann-Whitney)."""
+    wins = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    return float(wins / (len(positive) * len(negative)))
+
+
+def test_metrics_of_a_small_case_worked_out_by_hand():
+    # Nine images, three per class; the predictions make this confusion matrix (rows true, columns predicted):
+    #   benign     3 0 0      recall 1,   precision 3/5, F1 0.75
+    #   malignant  1 2 0      recall 2/3, precision 2/3, F1 2/3
+    #   normal     1 1 1      recall 1/3, precision 1,   F1 0.5
+    # (evaluation_metrics uses scikit-learn; these numbers do not.)
+    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 0, 1, 1, 0, 2, 0, 1])
+    rng = np.random.default_rng(0)
+    probabilities = rng.uniform(0.05, 0.3, (9, 3))
+    probabilities[np.arange(9), y_pred] = rng.uniform(0.5, 0.9, 9)  # the predicted class is the most probable
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
     result = evaluation_metrics(y_true, probabilities, CLASSES)
-    assert 0.5 < result["accuracy"] < 0.95  # a non-trivial set: errors in every direction
-    assert result["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
-    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2])
-    for index, name in enumerate(CLASSES):
+    assert result["accuracy"] == pytest.approx(6 / 9)
+    assert result["balanced_accuracy"] == pytest.approx((1 + 2 / 3 + 1 / 3) / 3)
+    expected = {"benign": (3 / 5, 1, 0.75), "malignant": (2 / 3, 2 / 3, 2 / 3), "normal": (1, 1 / 3, 0.5)}
+    for name, (precision, recall, f1) in expected.items():
         scores = result["per_class"][name]
-        assert scores["precision"] == pytest.approx(precision[index])
-        assert scores["recall"] == pytest.approx(recall[index])
-        assert scores["f1"] == pytest.approx(f1[index])
-        assert scores["support"] == support[index]
-        assert result["roc_auc"]["per_class"][name] == pytest.approx(
-            roc_auc_score(y_true == index, probabilities[:, index])
-        )
-    macro = precision_recall_fscore_support(y_true, y_pred, average="macro")
-    weighted = precision_recall_fscore_support(y_true, y_pred, average="weighted")
-    assert result["macro_avg"]["f1"] == pytest.approx(macro[2])
-    assert result["weighted_avg"]["precision"] == pytest.approx(weighted[0])
-    counts = confusion_matrix(y_true, y_pred)
-    assert result["confusion_matrix"] == counts.tolist()
-    np.testing.assert_allclose(result["confusion_matrix_normalized"], counts / counts.sum(axis=1, keepdims=True))
-    assert result["roc_auc"]["average"] == pytest.approx(roc_auc_score(y_true, probabilities, multi_class="ovr"))
+        assert (scores["precision"], scores["recall"], scores["f1"]) == pytest.approx((precision, recall, f1))
+        assert scores["support"] == 3
+    assert result["macro_avg"]["f1"] == pytest.approx((0.75 + 2 / 3 + 0.5) / 3)
+    assert result["weighted_avg"]["precision"] == pytest.approx((3 / 5 + 2 / 3 + 1) / 3)  # equal supports
+    assert result["confusion_matrix"] == [[3, 0, 0], [1, 2, 0], [1, 1, 1]]
+    np.testing.assert_allclose(result["confusion_matrix_normalized"], [[1, 0, 0], [1 / 3, 2 / 3, 0], [1 / 3] * 3])
+    aucs = [pairwise_auc(probabilities[y_true == k, k], probabilities[y_true != k, k]) for k in range(3)]
+    for name, auc in zip(CLASSES, aucs, strict=True):
+        assert result["roc_auc"]["per_class"][name] == pytest.approx(auc)
+    assert result["roc_auc"]["average"] == pytest.approx(np.mean(aucs))  # one-vs-rest, macro
     assert result["binary"] is None
     json.dumps(result)  # plain Python types only
 
