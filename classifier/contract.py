@@ -33,8 +33,10 @@ from classifier.run import CONTRACT_FILE, Run, find_beside_model
 SCHEMA = 1
 CHANNELS = "RGB"
 PIXEL_RANGE = (0, 255)  # raw pixels: every model normalises inside its graph (DESIGN.md, data flow)
-# The SavedModel format's folder for files that travel with a model but are not loaded by its graph:
-# https://www.tensorflow.org/guide/saved_model ("assets.extra ... not managed by the SavedModel libraries").
+# The SavedModel format's folder for files that travel with a model but are not loaded by its graph ("where
+# higher-level libraries and users can add their own assets ... not managed by the SavedModel libraries";
+# `assets/` is for files the graph itself reads, copied there by tf.saved_model.Asset):
+# https://github.com/tensorflow/tensorflow/blob/master/tensorflow/python/saved_model/README.md
 SAVED_MODEL_EXTRA_FOLDER = "assets.extra"
 _REQUIRED = ("image_size", "resize_mode", "dicom_window", "dicom_frames", "class_names")
 
