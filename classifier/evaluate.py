@@ -40,10 +40,9 @@ from classifier.errors import UserError, run_cli
 from classifier.inference import (
     Predictor,
     add_dicom_arguments,
+    input_settings,
     open_model,
     predict_files,
-    run_decoding_with,
-    run_resize_mode,
 )
 from classifier.run import CALIBRATION_FILE, EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
 
@@ -328,7 +327,8 @@ def evaluate(
             and store it beside the model (see `choose_threshold`).
         batch_size: Images per model call.
         threads: CPU threads (see `inference.open_model`).
-        resize_mode: Override the run's data.resize_mode ("stretch" when there is no run).
+        resize_mode: Override the run's data.resize_mode (without a run folder: the input contract the model carries,
+            else "stretch").
         n_bins: Bins of the ECE and the reliability diagram.
         dicom_window: Override the run's data.dicom_window ("auto" when there is no run).
         dicom_frames: Override the run's data.dicom_frames ("first" when there is no run); used with --data-dir.
@@ -396,8 +396,9 @@ def _open(
             raise UserError(f"run folder '{run_dir}' has no {MODEL_FILE}: let training finish, or pass --model")
     model = Path(model)
     settings_run = Run(run_dir) if run_dir is not None else Run.of_model(model)
-    resize_mode = resize_mode or run_resize_mode(settings_run) or "stretch"
-    decoding = run_decoding_with(settings_run, dicom_window, dicom_frames)
+    resize_mode, decoding = input_settings(
+        model, settings_run, resize_mode=resize_mode, dicom_window=dicom_window, dicom_frames=dicom_frames
+    )
     predictor = open_model(model, threads)
     trained_size = _run_image_size(settings_run)
     if trained_size is not None and trained_size != predictor.image_size:

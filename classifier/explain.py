@@ -23,9 +23,8 @@ from classifier.inference import (
     add_dicom_arguments,
     class_labels,
     collect_inputs,
+    input_settings,
     open_model,
-    run_decoding_with,
-    run_resize_mode,
 )
 from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
@@ -52,7 +51,7 @@ def explain(
         output: Folder to write into (created).
         class_name: Explain this class for every image; None explains each image's predicted class.
         batch_size: Images per gradient computation.
-        resize_mode: Default the run's data.resize_mode, else "stretch".
+        resize_mode: Default the run's data.resize_mode, else the input contract's, else "stretch".
         threshold: Two-class models: the predicted class is the second at probability >= this.
         use_operating_point: Two-class models: predict with the stored operating point when there is one.
         dicom_window: Default the run's data.dicom_window.
@@ -78,8 +77,9 @@ def explain(
             "holding images, or quoted glob patterns such as 'scans/**/*.png'"
         )
     output = gradcam.prepare_output_dir(output)
-    run = Run.of_model(model)
-    decoding = run_decoding_with(run, dicom_window, dicom_frames)
+    resize_mode, decoding = input_settings(
+        model, Run.of_model(model), resize_mode=resize_mode, dicom_window=dicom_window, dicom_frames=dicom_frames
+    )
     files = [ref for path in files for ref in data.frame_refs(path, decoding)]
     predictor = open_model(model)
     labels = class_labels(predictor)
@@ -96,7 +96,7 @@ def explain(
         labels,
         classes=chosen,
         decide=decision_function(rule),
-        resize_mode=resize_mode or run_resize_mode(run) or "stretch",
+        resize_mode=resize_mode,
         decoding=decoding,
         batch_size=batch_size,
         on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),

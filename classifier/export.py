@@ -6,6 +6,7 @@
 - `saved_model/`: TensorFlow SavedModel. Signature `serving_default` takes `images` float32 [N, S, S, 3] pixels
   0..255; `serving_uint8` takes the same as uint8. Both return {"probabilities": float32 [N, C],
   "top_class": int32 [N]}. Only the inference graph is saved (augmentation never is part of the model).
+  `assets.extra/input_contract.json` holds its input contract (`classifier.contract`).
 - `model_float32.tflite`: float32 weights and input (raw pixels 0..255); the reference for parity.
 - `model_float16.tflite`: float16 weights (half the size), float32 input and compute.
 - `model_dynamic.tflite`: int8 weights, activations quantized on the fly (dynamic range); float32 input.
@@ -21,6 +22,8 @@
 - `labels.txt` (class names in output order) and, inside every .tflite, TFLite Model Metadata with the labels
   and the input description MediaPipe needs (classifier/tflite_metadata.py), so the files run unchanged in
   MediaPipe Tasks ImageClassifier and report category names.
+- `input_contract.json`: image size, resize mode, DICOM decoding and class names (`classifier.contract`), also
+  inside the SavedModel and every .tflite, so a file copied away from its run is still fed as in training.
 - `export_report.json`: per format the size, parity with Keras on the held-out test split (top-1 agreement, max
   absolute probability difference, accuracy and its drop) and the median LiteRT latency (batch 1); the input
   contract (image size, resize mode, DICOM decoding settings).
@@ -53,6 +56,7 @@ import numpy as np
 
 from classifier import atomic, runlock
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
+from classifier.contract import InputContract
 from classifier.errors import UserError, run_cli
 from classifier.run import EXPORT_REPORT_FILE, LABELS_FILE, MODEL_FILE, SPLIT_FILE, Run
 
@@ -183,6 +187,17 @@ class _Export:
     resize_mode: str
     decoding: data.Decoding
     options: _Options
+
+    @property
+    def contract(self) -> InputContract:
+        """The input contract every exported file carries: how it is fed, as the model was trained."""
+        return InputContract(
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            dicom_window=self.decoding.dicom_window,
+            dicom_frames=self.decoding.dicom_frames,
+            class_names=tuple(self.labels),
+        )
 
 
 @dataclasses.dataclass
@@ -346,9 +361,11 @@ def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _
 
 
 def _ship_contract(export: _Export) -> None:
-    """Writes the labels and copies the run's temperature and decision threshold into the export folder."""
+    """Writes the labels and the input contract, and copies the run's temperature and decision threshold into the
+    export folder."""
     shipped = Run(export.out_dir)  # laid out like the run folder, so a model there finds its labels and records
     shipped.write_labels(export.labels)
+    shipped.write_contract(export.contract)
     # The temperature and the two-class decision threshold travel with the files (evaluate and predict read them).
     for source, copy in (
         (export.run.calibration_path, shipped.calibration_path),
@@ -366,7 +383,7 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
     files: dict[str, Path] = {}
     if "saved_model" in export.options.formats:
         files["saved_model"] = _export_saved_model(
-            export.model, export.image_size, export.out_dir / _staged(SAVED_MODEL_DIR)
+            export.model, export.contract, export.out_dir / _staged(SAVED_MODEL_DIR)
         )
     calibration = (
         _calibration_sample(export.split, export.options.calibration_images, export.options.seed)
@@ -388,7 +405,7 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
 
 
 def _with_metadata(export: _Export, tflite: bytes, fmt: str) -> bytes:
-    """Embeds the labels and the input description in a .tflite, unless metadata is off."""
+    """Embeds the labels, the input description and the input contract in a .tflite, unless metadata is off."""
     from classifier import tflite_metadata
 
     if not export.options.metadata:
@@ -400,6 +417,7 @@ def _with_metadata(export: _Export, tflite: bytes, fmt: str) -> bytes:
         name=f"{export.run_dir.resolve().name} ({fmt})",
         description=f"Image classifier, {export.num_classes} classes, {size}x{size} RGB, {fmt}.",
         float_input=fmt != "int8",
+        contract=export.contract,
     )
 
 
@@ -628,16 +646,18 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_saved_model(model, image_size: int, final: Path) -> Path:
-    """Writes the SavedModel with a float32 and a uint8 serving signature."""
+def _export_saved_model(model, contract: InputContract, final: Path) -> Path:
+    """Writes the SavedModel with a float32 and a uint8 serving signature, and its input contract inside it."""
     import keras
     import tensorflow as tf
+
+    from classifier import contract as contract_lib
 
     def serve(images):
         probabilities = model(images, training=False)
         return {"probabilities": probabilities, "top_class": tf.argmax(probabilities, axis=-1, output_type=tf.int32)}
 
-    shape = [None, image_size, image_size, 3]
+    shape = [None, contract.image_size, contract.image_size, 3]
     # No archive.track(model): the archive saves the variables its endpoints use by itself, and tracking the
     # model as well stores every weight twice (Keras variables and their tf.Variables; 2x the folder size).
     archive = keras.export.ExportArchive()
@@ -650,6 +670,7 @@ def _export_saved_model(model, image_size: int, final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         archive.write_out(str(tmp), verbose=False)
+        contract_lib.write_into_saved_model(tmp, contract)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

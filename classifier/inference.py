@@ -20,11 +20,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from classifier import contract
 from classifier.errors import UserError
 from classifier.run import LABELS_FILE, MODEL_FILE, Run
+
+if TYPE_CHECKING:
+    from classifier.data import Decoding
 
 KINDS = ("keras", "saved_model", "tflite")
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -189,7 +194,8 @@ def load_predictor(path: str | Path, num_threads: int | None = None) -> Predicto
     """Opens a model file of any kind the toolkit writes.
 
     Labels come from the model itself when it carries them (TFLite metadata), else from `labels.txt` in the
-    model's folder or the folder above it (the run folder for `export/...` files).
+    model's folder or the folder above it (the run folder for `export/...` files), else from the input contract
+    the model carries (a SavedModel's, or `input_contract.json` beside the model; `classifier.contract`).
 
     Args:
         path: `model.keras`, a SavedModel folder (with `saved_model.pb`), or a `.tflite` file.
@@ -200,8 +206,8 @@ def load_predictor(path: str | Path, num_threads: int | None = None) -> Predicto
         A `Predictor`.
 
     Raises:
-        UserError: the path does not exist or is not one of the accepted kinds, or its labels file does not
-            match the model's number of outputs.
+        UserError: the path does not exist or is not one of the accepted kinds, or its labels file or input
+            contract does not match the model's number of outputs.
     """
     path = Path(path)
     if not path.exists():
@@ -226,6 +232,8 @@ def load_predictor(path: str | Path, num_threads: int | None = None) -> Predicto
         raise UserError(_unreadable(path, error)) from None
     if predictor.labels is None:
         predictor.labels = _labels_beside(path, predictor.num_classes)
+    if predictor.labels is None:
+        predictor.labels = _labels_of_contract(path, predictor.num_classes)
     return predictor
 
 
@@ -258,6 +266,19 @@ def _labels_beside(path: Path, num_classes: int) -> list[str] | None:
     return None
 
 
+def _labels_of_contract(path: Path, num_classes: int) -> list[str] | None:
+    """The class names of the input contract inside or beside the model, checking the class count."""
+    found = contract.of_model(path)
+    if found is None:
+        return None
+    if len(found.class_names) != num_classes:
+        raise UserError(
+            f"the input contract of '{path}' names {len(found.class_names)} classes but the model has {num_classes} "
+            f"outputs: export the model again, or put the {LABELS_FILE} of the run that trained it beside it"
+        )
+    return list(found.class_names)
+
+
 def measure_latency(predictor: Predictor, runs: int = 50, warmup: int = 5, seed: int = 0) -> dict:
     """Times single-image predictions (batch 1), the way an app classifies one camera frame.
 
@@ -287,24 +308,35 @@ def measure_latency(predictor: Predictor, runs: int = 50, warmup: int = 5, seed:
 # finding image files, reading them as training did and running the model on them.
 
 
-def run_resize_mode(run: Run | None) -> str | None:
-    """data.resize_mode from a run's config.yaml, or None when there is no run config."""
-    if run is None or not run.config_path.is_file():
-        return None
-    return run.setting("data", "resize_mode") or "stretch"
+def input_settings(
+    model: str | os.PathLike,
+    run: Run | None,
+    *,
+    resize_mode: str | None = None,
+    dicom_window: str | None = None,
+    dicom_frames: str | None = None,
+) -> tuple[str, Decoding]:
+    """How image files are read for a model: (resize mode, `data.Decoding`), as it was trained.
 
-
-def run_decoding_with(run: Run | None, dicom_window: str | None, dicom_frames: str | None):
-    """The run's `data.Decoding` (defaults without a run), with the settings given on the command line replacing it.
+    The run's config.yaml when there is a run folder (as `Run.of_model` finds it, or the one given), else the input
+    contract the model carries inside it or beside it (`classifier.contract`), else stretch and the default DICOM
+    decoding; the values given (on the command line) replace those.
 
     Raises:
-        UserError: a window or frames value that is not accepted.
+        UserError: a window or frames value that is not accepted, or an input contract that cannot be read.
     """
     from classifier import data
 
-    decoding = data.run_decoding(run)
+    if run is not None and run.config_path.is_file():
+        trained_resize, decoding = run.setting("data", "resize_mode") or "stretch", data.run_decoding(run)
+    elif (carried := contract.of_model(model)) is not None:
+        trained_resize = carried.resize_mode
+        decoding = data.Decoding(dicom_window=carried.dicom_window, dicom_frames=carried.dicom_frames)
+    else:
+        trained_resize, decoding = "stretch", data.Decoding()
     changes = {"dicom_window": dicom_window, "dicom_frames": dicom_frames}
-    return dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
+    decoding = dataclasses.replace(decoding, **{key: value for key, value in changes.items() if value is not None})
+    return resize_mode or trained_resize, decoding
 
 
 def open_model(path: str | os.PathLike, threads: int | None = None):

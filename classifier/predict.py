@@ -1,10 +1,10 @@
 """`classifier predict --model M INPUT...`: class names and probabilities for image files, as CSV or JSON.
 
 Inputs are files, folders (searched recursively for image files, DICOM included) or glob patterns. Images are read
-exactly as in training (`data.load_and_resize` with the run's resize mode and DICOM window), in batches, with a
-progress bar on a terminal. With the run's `dicom_frames: all`, every frame of a multi-frame DICOM file gets its own
-row (`<file>#frame=N`). A file that cannot be read is reported on stderr and as a row with its error, and never stops
-the run.
+exactly as in training (`data.load_and_resize` with the run's resize mode and DICOM window, or those of the input
+contract the model carries when it was copied away from its run), in batches, with a progress bar on a terminal.
+With the run's `dicom_frames: all`, every frame of a multi-frame DICOM file gets its own row (`<file>#frame=N`). A
+file that cannot be read is reported on stderr and as a row with its error, and never stops the run.
 
 For a two-class model with an operating point (`operating_point.json` beside the model or in its run folder, see
 `classifier.operating_point`), the `label` column is the decision at that threshold; otherwise it is the most
@@ -35,10 +35,9 @@ from classifier.inference import (
     add_dicom_arguments,
     class_labels,
     collect_inputs,
+    input_settings,
     open_model,
     predict_files,
-    run_decoding_with,
-    run_resize_mode,
 )
 from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
@@ -145,11 +144,12 @@ def predict(
         batch_size: Images per model call.
         threads: CPU threads (see `open_model`).
         resize_mode: "stretch" or "crop"; default the run's setting (config.yaml beside or above the model), else
-            "stretch".
+            the input contract's (inside or beside the model), else "stretch".
         threshold: Two-class models: call the positive (second) class at probability >= this.
         use_operating_point: Two-class models: use the stored operating point when there is one.
-        dicom_window: As `data.dicom_window`; default the run's setting, else "auto".
-        dicom_frames: As `data.dicom_frames` ("first" or "all"); default the run's setting, else "first".
+        dicom_window: As `data.dicom_window`; default the run's setting, else the input contract's, else "auto".
+        dicom_frames: As `data.dicom_frames` ("first" or "all"); default the run's setting, else the input
+            contract's, else "first".
         explain_dir: Also write a Grad-CAM overlay of every readable image for its label, and a contact sheet,
             into this folder (model.keras only).
 
@@ -164,10 +164,11 @@ def predict(
     """
     _check_request(model, inputs, top_k, explain_dir)
     files, problems = _find_images(inputs)
-    run = Run.of_model(model)
-    decoding = run_decoding_with(run, dicom_window, dicom_frames)
+    resize_mode, decoding = input_settings(
+        model, Run.of_model(model), resize_mode=resize_mode, dicom_window=dicom_window, dicom_frames=dicom_frames
+    )
     files = _frames(files, decoding)
-    reader = _open(model, run, decoding, threads, resize_mode, threshold, use_operating_point)
+    reader = _open(model, decoding, threads, resize_mode, threshold, use_operating_point)
     probabilities, errors = predict_files(
         reader.predictor,
         files,
@@ -233,18 +234,16 @@ def _frames(files: list[str], decoding: Decoding) -> list[str]:
 
 def _open(
     model: str | os.PathLike,
-    run: Run | None,
     decoding: Decoding,
     threads: int | None,
-    resize_mode: str | None,
+    resize_mode: str,
     threshold: float | None,
     use_operating_point: bool,
 ) -> _Reader:
-    """Opens the model and settles its labels, decision rule and resize mode (the run's unless given)."""
+    """Opens the model and settles its labels and decision rule."""
     predictor = open_model(model, threads)
     labels = class_labels(predictor)
     rule = decision_rule(predictor, labels, threshold, use_operating_point)
-    resize_mode = resize_mode or run_resize_mode(run) or "stretch"
     return _Reader(predictor, labels, rule, resize_mode, decoding)
 
 

@@ -6,10 +6,12 @@ writer (atomic: `classifier.atomic`).
 
     saved_models/<run>/
         config.yaml  labels.txt  split.json  model.keras  history.csv  metrics.json (present = finished)
+        input_contract.json   how to feed model.keras: size, resize mode, decoding, classes (classifier.contract)
         calibration.json  operating_point.json  training_curves.png
         logs/                 TensorBoard
         checkpoints/          plan.json, phase1.done, phase2.done, best.json (classifier.checkpoints)
-        export/               the shipped files, with copies of labels.txt, calibration.json, operating_point.json
+        export/               the shipped files, with labels.txt, input_contract.json, calibration.json and
+                              operating_point.json
         evaluation/<name>/    evaluation.json and its figures
 
 An `export/` folder, or any folder a model was copied into with its labels, carries the files that travel with a
@@ -30,10 +32,12 @@ from classifier import atomic
 
 if TYPE_CHECKING:
     from classifier.config import Config
+    from classifier.contract import InputContract
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
+CONTRACT_FILE = "input_contract.json"  # also inside every exported model: see classifier.contract
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
@@ -90,6 +94,10 @@ class Run:
     @property
     def labels_path(self) -> Path:
         return self.root / LABELS_FILE
+
+    @property
+    def contract_path(self) -> Path:
+        return self.root / CONTRACT_FILE
 
     @property
     def split_path(self) -> Path:
@@ -163,6 +171,22 @@ class Run:
         with atomic.replacing(self.labels_path) as temporary:  # UTF-8 whatever the locale, as read_labels reads
             temporary.write_text(format_labels(names), encoding="utf-8")
         return self.labels_path
+
+    def read_contract(self) -> InputContract | None:
+        """The input contract beside the model (`classifier.contract`), or None without the file.
+
+        Raises:
+            UserError: the file is not a contract this version reads, naming it.
+        """
+        from classifier import contract
+
+        return contract.read(self.contract_path)
+
+    def write_contract(self, record: InputContract) -> Path:
+        """Writes input_contract.json, atomically; returns its path."""
+        from classifier import contract  # it finds the record beside models through this module
+
+        return contract.write(self.contract_path, record)
 
     def read_settings(self) -> dict[str, dict[str, Any]] | None:
         """The raw `{section: {key: value}}` of config.yaml (yaml.safe_load: no Python objects are built from a

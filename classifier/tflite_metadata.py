@@ -3,15 +3,17 @@
 What a phone runtime needs from a classifier .tflite, and what `add_image_classifier_metadata` writes:
 - the input described as an RGB image; for a float input, NormalizationOptions mean 0 / std 1 so MediaPipe feeds
   raw pixels 0..255 (our models normalise inside the graph); a uint8 input is fed camera bytes as they are;
-- the output's labels as an associated file of type TENSOR_AXIS_LABELS, so results carry category names.
+- the output's labels as an associated file of type TENSOR_AXIS_LABELS, so results carry category names;
+- the input contract (`classifier.contract`: size, resize mode, DICOM decoding, class names) as an associated file
+  of the model, so the toolkit feeds a .tflite copied away from its run as the model was trained.
 
 How (DESIGN.md decision 5): the usual writers cannot run beside TF 2.21 — tflite-support pins protobuf < 4, and
 mediapipe 1.2.2's `metadata_writers` fails to import (its native `_pywrap_metadata_version` is missing). So this
 module builds the metadata flatbuffer itself from the generated schema modules:
 - `mediapipe.tasks.metadata.metadata_schema_py_generated`: pure Python, ships in the `mediapipe` wheel; it is the
   only reason export needs mediapipe (a dependency of the project). It is imported only when metadata is
-  written or parsed (importing mediapipe also imports TensorFlow); `read_labels`, used by the LiteRT runtime,
-  does without it;
+  written or parsed (importing mediapipe also imports TensorFlow); `read_labels` and `read_contract`, used by
+  the LiteRT runtime, do without it;
 - `ai_edge_litert.schema_py_generated`: the TFLite model schema, from the LiteRT runtime we depend on anyway.
 It packs them the way tflite-support's `MetadataPopulator` does: the metadata goes into a model buffer referenced by
 the model's metadata entry "TFLITE_METADATA" (file identifier "M001"), and the associated files go into a zip
@@ -25,10 +27,13 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from classifier.errors import UserError
-from classifier.run import LABELS_FILE, format_labels, parse_labels
+from classifier.run import CONTRACT_FILE, LABELS_FILE, format_labels, parse_labels
+
+if TYPE_CHECKING:
+    from classifier.contract import InputContract
 
 METADATA_FIELD_NAME = "TFLITE_METADATA"
 METADATA_FILE_IDENTIFIER = b"M001"
@@ -67,6 +72,7 @@ def add_image_classifier_metadata(
     description: str,
     float_input: bool,
     version: str = "",
+    contract: InputContract | None = None,
 ) -> bytes:
     """Returns `model` with image-classifier metadata and its labels file embedded.
 
@@ -78,9 +84,11 @@ def add_image_classifier_metadata(
         float_input: True for a float32 input fed raw 0..255 pixels: adds NormalizationOptions mean 0 / std 1,
             which MediaPipe requires for float inputs. False for a uint8 input, which takes camera bytes as is.
         version: optional model version string.
+        contract: the model's input contract, written as `input_contract.json`, a model-level associated file.
 
     Returns:
-        The new model bytes: the re-packed flatbuffer followed by a zip archive holding `labels.txt`.
+        The new model bytes: the re-packed flatbuffer followed by a zip archive holding `labels.txt` (and
+        `input_contract.json`).
 
     Raises:
         UserError: the metadata schema (mediapipe) is not installed.
@@ -133,11 +141,24 @@ def add_image_classifier_metadata(
             )
         ],
     )
+    files = {LABELS_FILE_NAME: format_labels(labels)}
+    model_files = None
+    if contract is not None:
+        files[CONTRACT_FILE] = contract.to_json()
+        # Of the whole model, not of a tensor: size, resize mode and decoding say how to make the input.
+        model_files = [
+            meta.AssociatedFileT(
+                name=CONTRACT_FILE,
+                description="Input contract (JSON): image size, resize mode, DICOM decoding and class names.",
+                type=meta.AssociatedFileType.DESCRIPTIONS,
+            )
+        ]
     model_md = meta.ModelMetadataT(
         name=name,
         description=description,
         version=version or None,
         subgraphMetadata=[meta.SubGraphMetadataT(inputTensorMetadata=[input_md], outputTensorMetadata=[output_md])],
+        associatedFiles=model_files,
         minParserVersion=MIN_PARSER_VERSION,
     )
     builder = flatbuffers.Builder(0)
@@ -164,7 +185,8 @@ def add_image_classifier_metadata(
     # Mode "a" on bytes that are not a zip appends a fresh archive at the end, as MetadataPopulator does.
     # Stored (uncompressed), as MediaPipe's in-memory zip reader expects.
     with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(LABELS_FILE_NAME, format_labels(labels))
+        for file_name, text in files.items():
+            archive.writestr(file_name, text)
     return out.getvalue()
 
 
@@ -177,8 +199,9 @@ def read_metadata(model: bytes) -> dict | None:
     Returns:
         None when the model has no TFLITE_METADATA entry, else a dict with "name", "description",
         "min_parser_version", "input_color_space" ("RGB", "GRAYSCALE" or None), "input_mean" / "input_std"
-        (lists, or None without NormalizationOptions), "labels_file" (the TENSOR_AXIS_LABELS file name or None)
-        and "labels" (its lines, or None).
+        (lists, or None without NormalizationOptions), "labels_file" (the TENSOR_AXIS_LABELS file name or None),
+        "labels" (its lines, or None) and "model_files" (names of the model's own associated files, such as
+        the input contract).
 
     Raises:
         UserError: the metadata schema (mediapipe) is not installed.
@@ -231,6 +254,7 @@ def read_metadata(model: bytes) -> dict | None:
         "input_std": list(normalization.std) if normalization is not None else None,
         "labels_file": labels_file,
         "labels": labels,
+        "model_files": [f.name.decode() for f in md.associatedFiles or []],
     }
 
 
@@ -258,3 +282,27 @@ def read_labels(model: bytes) -> list[str] | None:
             return parse_labels(archive.read(name).decode("utf-8"))
     except zipfile.BadZipFile:
         return None
+
+
+def read_contract(model: bytes, source: str = "in the .tflite metadata") -> InputContract | None:
+    """Returns the input contract packed in a .tflite file, or None when it has none.
+
+    Like `read_labels`, reads the appended zip archive directly, without TensorFlow.
+
+    Args:
+        model: .tflite file contents.
+        source: where the bytes came from, for messages.
+
+    Raises:
+        UserError: the packed record is not a contract this version reads (`InputContract.from_json`).
+    """
+    from classifier.contract import InputContract
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(model)) as archive:
+            if CONTRACT_FILE not in archive.namelist():
+                return None
+            text = archive.read(CONTRACT_FILE).decode("utf-8")
+    except zipfile.BadZipFile:
+        return None
+    return InputContract.from_json(text, source)

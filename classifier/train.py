@@ -52,6 +52,7 @@ from classifier import budget as budget_lib
 from classifier import checkpoints as checkpoints_lib
 from classifier import model as model_lib
 from classifier.config import Config, load_yaml, merge, parse_set
+from classifier.contract import InputContract
 from classifier.errors import UserError, run_cli
 from classifier.metrics import classification_metrics
 from classifier.run import CALIBRATION_FILE, CONFIG_FILE, LOGS_FOLDER, MODEL_FILE, OPERATING_POINT_FILE, Run
@@ -1002,6 +1003,7 @@ def _finish(model: keras.Model, ctx: _Context, throughput: dict, started: float,
         model, record = _calibrate(model, ctx, logits)
     with finishing.step("saving"):
         _save_model(model, run.model_path)
+        run.write_contract(InputContract.of_training(ctx.config.data, ctx.split.class_names))  # beside model.keras
     metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
     with finishing.step("plots"):
         callbacks.write_hparams(run.logs, _flat_hparams(ctx.config))

@@ -34,7 +34,8 @@ def exported(exported_run, tmp_path_factory) -> tuple[Path, dict]:
 def test_every_format_is_written_and_passes_the_gate(exported):
     run_dir, report = exported
     out = run_dir / "export"
-    expected = {"saved_model", "labels.txt", "export_report.json", *(f"model_{fmt}.tflite" for fmt in TFLITE)}
+    expected = {"saved_model", "labels.txt", "input_contract.json", "export_report.json"}
+    expected |= {f"model_{fmt}.tflite" for fmt in TFLITE}
     assert {p.name for p in out.iterdir()} == expected  # nothing half-written or temporary left behind
     assert (out / "saved_model" / "saved_model.pb").is_file()
     assert (out / "labels.txt").read_text() == (run_dir / "labels.txt").read_text()
