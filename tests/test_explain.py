@@ -1,5 +1,7 @@
 """Grad-CAM: the heatmap lands where the class is decided, on every backbone; `classifier explain` and
-`predict --explain` write an overlay per image and a contact sheet; TFLite and SavedModel files are refused."""
+`predict --explain` write an overlay per image and a contact sheet; TFLite and SavedModel files are refused.
+Also the calibration that training fitted on the same run (the corner run is trained once per pytest-xdist
+worker, and the workers take whole files: with its readers in one file it is trained once)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import numpy as np
 import pytest
 from conftest import CORNER_SIZE
 from PIL import Image
+from sklearn.metrics import accuracy_score, roc_auc_score
 from tensorboard.backend.event_processing import event_accumulator
 
-from classifier import data, gradcam
+from classifier import calibration, data, evaluate, gradcam, operating_point
 from classifier.backbones import BACKBONES
 from classifier.explain import main
+from classifier.metrics import expected_calibration_error
 from classifier.model import build_classifier
 from classifier.predict import main as predict_main
 
@@ -200,3 +204,52 @@ def test_contact_sheets_are_pages_numbered_only_when_there_are_several(count, sh
     assert sorted(p.name for p in (tmp_path / "out").glob("contact_sheet*")) == expected
     assert len(list((tmp_path / "out").glob("*.gradcam.png"))) == count
     assert result["rows"][-1]["overlay"] is None and "cannot read image" in result["rows"][-1]["error"]
+
+
+# Calibration of the corner run by training (temperature scaling itself: test_calibration.py).
+
+
+def test_training_fits_the_temperature_on_validation_and_bakes_it_into_the_model(corner_run):
+    """The corner run: two validation images are filed under the wrong class, so it makes confident mistakes."""
+    record = calibration.read_calibration(corner_run)
+    metrics = json.loads((corner_run / "metrics.json").read_text())
+    model = keras.models.load_model(corner_run / "model.keras")  # safe mode, no custom objects
+    temperature = record["temperature"]
+    assert temperature != 1.0 and record["note"] is None and record["subset"] == "val"
+    assert metrics["calibration"]["temperature"] == temperature == calibration.model_temperature(model)
+    assert record["nll_after"] < record["nll_before"]  # what the fit minimises, on the images it was fitted on
+
+    split = data.read_split(corner_run / "split.json")
+    images = data.make_dataset(split, "val", image_size=model.input_shape[1], batch_size=16)
+    labels = np.array([label for _, label in split.val])
+    logits = calibration.logits_model(model).predict(images, verbose=0)
+    probabilities = model.predict(images, verbose=0)
+    np.testing.assert_allclose(probabilities, calibration.softmax(logits, temperature), atol=1e-6)
+    assert record["ece_before"] == pytest.approx(expected_calibration_error(labels, calibration.softmax(logits)))
+
+    # The operating point was chosen on the calibrated probabilities, which predict and evaluate see.
+    point = operating_point.read_operating_point(corner_run)
+    on_calibrated = operating_point.operating_point_for(labels, probabilities, split.class_names)
+    on_raw = operating_point.operating_point_for(labels, calibration.softmax(logits), split.class_names)
+    assert point["threshold"] == pytest.approx(on_calibrated["threshold"], abs=1e-6)
+    assert abs(on_raw["threshold"] - on_calibrated["threshold"]) > 1e-3
+    # Two classes: accuracy and AUC are those of the uncalibrated model (scikit-learn on the raw logits).
+    raw = calibration.softmax(logits)
+    assert metrics["val"]["accuracy"] == accuracy_score(labels, raw.argmax(1))
+    assert metrics["val"]["auc"] == pytest.approx(roc_auc_score(labels, raw[:, 1]), abs=1e-12)
+
+
+def test_evaluate_reports_ece_before_and_after(corner_run, tmp_path):
+    report = evaluate.evaluate(run_dir=corner_run, output_dir=tmp_path)
+    split = data.read_split(corner_run / "split.json")
+    model = keras.models.load_model(corner_run / "model.keras")
+    images = data.make_dataset(split, "test", image_size=model.input_shape[1], batch_size=16)
+    raw = calibration.softmax(calibration.logits_model(model).predict(images, verbose=0))  # exact, from the logits
+    labels = np.array([label for _, label in split.test])
+    summary = report["calibration"]
+    assert summary is not None, "evaluate found no calibration.json for the run's model"
+    assert summary["temperature"] == calibration.model_temperature(model)
+    assert summary["ece_before"] == pytest.approx(expected_calibration_error(labels, raw), abs=1e-4)
+    assert summary["ece_after"] == pytest.approx(report["ece"])
+    assert "calibrated with temperature" in evaluate.format_report(report)
+    assert (tmp_path / "reliability_diagram.png").is_file()
