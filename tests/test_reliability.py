@@ -112,6 +112,42 @@ def test_killed_twice_the_same_command_finishes_with_each_epoch_once(interrupted
     assert rates[4] < rates[3] < rates[2]
 
 
+def test_killed_in_the_middle_of_phase_1_the_same_command_trains_each_epoch_once(tmp_path):
+    """The issue's silently wrong case: a kill after a head epoch, then the same command (phase 2 used to run past
+    its schedule and history.csv to number epochs 1, 2, 1, 2, 3, 4)."""
+    images = write_separable_folder(tmp_path / "images", per_class=8, size=32)
+    argv = command(images, tmp_path / "runs") + [
+        "--name",
+        "run",
+        *SMALL,
+        "--head-epochs",
+        "40",
+        "--finetune-epochs",
+        "2",
+    ]
+    run_dir = tmp_path / "runs" / "run"
+
+    def inside_phase_1() -> bool:
+        try:
+            rows = len(history_epochs(run_dir))
+        except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+            return False
+        return rows >= 1 and not (run_dir / "checkpoints" / "phase1.done").exists()
+
+    kill_when(argv, inside_phase_1)
+    assert not (run_dir / "checkpoints" / "phase1.done").exists() and not (run_dir / "metrics.json").exists()
+    result = run(argv)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Phase 1/2: already finished" not in result.stdout  # the head trains again, from its first epoch
+    with open(run_dir / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in rows] == list(range(len(rows)))  # each epoch once, in order
+    phases = [int(float(row["phase"])) for row in rows]
+    head = phases.count(1)
+    assert head >= 1 and phases == [1] * head + [2] * 2  # phase 2 ran exactly its two epochs, after the head's
+    assert (run_dir / "metrics.json").is_file()
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:96])  # what a kill in the middle of an in-place h5py write left
 
