@@ -116,15 +116,8 @@ def test_killed_in_the_middle_of_phase_1_the_same_command_trains_each_epoch_once
     """The issue's silently wrong case: a kill after a head epoch, then the same command (phase 2 used to run past
     its schedule and history.csv to number epochs 1, 2, 1, 2, 3, 4)."""
     images = write_separable_folder(tmp_path / "images", per_class=8, size=32)
-    argv = command(images, tmp_path / "runs") + [
-        "--name",
-        "run",
-        *SMALL,
-        "--head-epochs",
-        "40",
-        "--finetune-epochs",
-        "2",
-    ]
+    epochs = ["--head-epochs", "40", "--finetune-epochs", "2"]  # enough head epochs to be caught inside phase 1
+    argv = command(images, tmp_path / "runs") + ["--name", "run", *SMALL, *epochs]
     run_dir = tmp_path / "runs" / "run"
 
     def inside_phase_1() -> bool:
