@@ -16,7 +16,6 @@ recorded in `RUN/calibration.json` (copied into `export/` with the files) and in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ import numpy as np
 
 from classifier import atomic
 from classifier.errors import UserError
-from classifier.run import MODEL_FILE, Run, find_beside_model
+from classifier.run import MODEL_FILE, Run, find_beside_model, read_record
 
 # The search range of T. Wide enough for a network whose logits are ten times too large (T near 10) and for the
 # sharpening label smoothing calls for (T near 0.5); at the ends the probabilities are all 0/1 or all equal.
@@ -189,23 +188,14 @@ def read_calibration(path_or_dir: str | os.PathLike) -> dict | None:
     path = Path(path_or_dir)
     if path.is_dir():
         path = Run(path).calibration_path
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        missing = [key for key in KEYS if key not in record]
-        if missing:
-            raise KeyError(", ".join(missing))
+
+    def convert(record: dict) -> None:
         record["temperature"] = float(record["temperature"])
         if not record["temperature"] > 0:
             raise ValueError(f"temperature {record['temperature']} is not positive")
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"'{path}' is not a valid calibration record ({type(error).__name__}: {error}): restore it from the run "
-            "folder (export copies it), or delete it (evaluate then reports no calibration)"
-        ) from None
-    record["path"] = str(path)
-    return record
+
+    fix = "restore it from the run folder (export copies it), or delete it (evaluate then reports no calibration)"
+    return read_record(path, KEYS, convert, "calibration record", fix)
 
 
 def find_calibration(model_path: str | os.PathLike) -> dict | None:

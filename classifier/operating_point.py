@@ -24,7 +24,7 @@ from sklearn.metrics import roc_curve
 
 from classifier import atomic
 from classifier.errors import UserError
-from classifier.run import OPERATING_POINT_FILE, Run, find_beside_model
+from classifier.run import OPERATING_POINT_FILE, Run, find_beside_model, read_record
 
 FILE_NAME = OPERATING_POINT_FILE
 METHODS = ("youden", "sensitivity")
@@ -214,22 +214,13 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
     path = Path(path_or_dir)
     if path.is_dir():
         path = Run(path).operating_point_path
-    if not path.is_file():
-        return None
-    try:
-        point = json.loads(path.read_text())
-        missing = [key for key in KEYS if key not in point]
-        if missing:
-            raise KeyError(", ".join(missing))
+
+    def convert(point: dict) -> None:
         point["threshold"] = float(point["threshold"])
         point["positive_index"] = int(point["positive_index"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"'{path}' is not a valid operating point ({type(error).__name__}: {error}): delete it, or choose the "
-            "threshold again with `classifier evaluate --run-dir RUN --choose-threshold youden`"
-        ) from None
-    point["path"] = str(path)
-    return point
+
+    fix = "delete it, or choose the threshold again with `classifier evaluate --run-dir RUN --choose-threshold youden`"
+    return read_record(path, KEYS, convert, "operating point", fix)
 
 
 def find_operating_point(model_path: str | os.PathLike) -> dict | None:

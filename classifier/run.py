@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from classifier import atomic
+from classifier.errors import UserError
 
 if TYPE_CHECKING:
     from classifier.config import Config
@@ -248,6 +249,27 @@ def format_labels(names: list[str]) -> str:
 def parse_labels(text: str) -> list[str]:
     """The class names of a labels file's text; surrounding spaces and blank lines are not names."""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_record(path: Path, keys: tuple[str, ...], convert: Callable[[dict], None], what: str, fix: str) -> dict | None:
+    """A small JSON record of a run (calibration.json, operating_point.json): None when the file is not there, else
+    the dict with its `keys` checked, `convert(record)` applied (types, ranges) and "path" added.
+
+    Raises:
+        UserError: the file is there but is not such a record, naming the file, `what` it should be and the `fix`.
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise KeyError(", ".join(missing))
+        convert(record)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"'{path}' is not a valid {what} ({type(error).__name__}: {error}): {fix}") from None
+    record["path"] = str(path)
+    return record
 
 
 def find_beside_model(model_path: str | os.PathLike, read: Callable[[Run], T | None]) -> T | None:
