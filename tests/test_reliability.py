@@ -22,9 +22,10 @@ import pytest
 from conftest import TINY, write_separable_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-# Phase 1 is epochs 0-1 (on cached features), phase 2 epochs 2-4.
+# Phase 1 is epochs 0-3 (on cached features), phase 2 epochs 4-6.
 SMALL = ["--image-size", "32", "--batch-size", "4", "--augment", "none", *TINY]
-EPOCHS = ["--head-epochs", "2", "--finetune-epochs", "3"]
+EPOCHS = ["--head-epochs", "4", "--finetune-epochs", "3"]
+HEAD, FINETUNE = 4, 3
 
 
 def command(images: Path, output: Path) -> list[str]:
@@ -36,11 +37,13 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kwargs)
 
 
-def kill_when(argv: list[str], ready, timeout: float = 300) -> None:
-    """Starts `argv`, SIGKILLs it as soon as `ready()` is true, and fails if it ends on its own first."""
+def kill_when(argv: list[str], ready, timeout: float = 300) -> str:
+    """Starts `argv`, SIGKILLs it as soon as `ready()` is true, fails if it ends on its own first, and returns what
+    it printed."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a full pipe would stall the child
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+    # Files, not pipes: a full pipe would stall the child.
+    with tempfile.TemporaryFile("w+") as output, tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=errors, text=True)
         deadline = time.monotonic() + timeout
         try:
             while not ready():
@@ -53,11 +56,17 @@ def kill_when(argv: list[str], ready, timeout: float = 300) -> None:
         finally:
             child.kill()
             child.wait()
+        output.seek(0)
+        return output.read()
+
+
+def history_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
 
 
 def history_epochs(run_dir: Path) -> list[int]:
-    with open(run_dir / "history.csv") as handle:
-        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+    return [int(row["epoch"]) for row in history_rows(run_dir)]
 
 
 def backup_epoch(run_dir: Path) -> int | None:
@@ -68,10 +77,21 @@ def backup_epoch(run_dir: Path) -> int | None:
         return None
 
 
+def inside_phase_1(run_dir: Path) -> bool:
+    """A head epoch is in history.csv and phase 1 is not marked done."""
+    try:
+        rows = len(history_epochs(run_dir))
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return False
+    return rows >= 1 and not (run_dir / "checkpoints" / "phase1.done").exists()
+
+
 def assert_finished_cleanly(run_dir: Path, result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert history_epochs(run_dir) == [0, 1, 2, 3, 4]  # phase 1's two epochs, then phase 2's three, once each
+    rows = history_rows(run_dir)
+    assert [int(row["epoch"]) for row in rows] == list(range(HEAD + FINETUNE))  # each epoch once, in order
+    assert [int(float(row["phase"])) for row in rows] == [1] * HEAD + [2] * FINETUNE  # each phase its own epochs
     assert (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file()
     assert not (run_dir / "checkpoints" / "phase2_backup").exists()  # removed once phase 2 is marked done
     leftovers = [p for p in run_dir.rglob("*") if p.name.startswith(".partial-")]
@@ -79,66 +99,40 @@ def assert_finished_cleanly(run_dir: Path, result: subprocess.CompletedProcess) 
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A run SIGKILLed the moment phase 1 was marked done, run again and SIGKILLed after phase 2's first backup:
-    (images, output folder, run folder). Tests copy it before changing it."""
+def interrupted(tmp_path_factory) -> tuple[Path, Path, Path, str]:
+    """A run SIGKILLed after a head epoch (inside phase 1), run again with the same command and SIGKILLed after
+    phase 2's first backup: (images, output folder, run folder, what the second run printed). The second run went
+    from the restarted phase 1 into phase 2 in one process, the issue's silently wrong case (phase 2 used to run past
+    its schedule, and history.csv to number epochs 1, 2, 1, 2, 3, 4). Tests copy it before changing it."""
     root = tmp_path_factory.mktemp("interrupted")
     images = write_separable_folder(root / "images", per_class=8, size=32)
     output = root / "runs"
     argv = command(images, output) + ["--name", "run", *SMALL, *EPOCHS]
     run_dir = output / "run"
-    kill_when(argv, lambda: (run_dir / "checkpoints" / "phase1.done").exists())
-    kill_when(argv, lambda: backup_epoch(run_dir) is not None)
-    return images, output, run_dir
+    kill_when(argv, lambda: inside_phase_1(run_dir))
+    assert not (run_dir / "checkpoints" / "phase1.done").exists() and not (run_dir / "metrics.json").exists()
+    printed = kill_when(argv, lambda: backup_epoch(run_dir) is not None)
+    return images, output, run_dir, printed
 
 
 def copy_of(interrupted, tmp_path: Path) -> tuple[list[str], Path]:
-    images, output, _ = interrupted
+    images, output, _, _ = interrupted
     shutil.copytree(output, tmp_path / "runs", symlinks=True)
     return command(images, tmp_path / "runs") + ["--name", "run", *SMALL, *EPOCHS], tmp_path / "runs" / "run"
 
 
-def test_killed_twice_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path):
+def test_killed_in_phase_1_and_in_phase_2_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path):
+    assert "Phase 1/2: already finished" not in interrupted[3]  # after the first kill the head trained again
     argv, run_dir = copy_of(interrupted, tmp_path)
     reached = backup_epoch(run_dir)
-    assert reached in (3, 4)  # phase 2 had finished one epoch (or two, if the poll was slow)
+    assert reached in (HEAD + 1, HEAD + 2)  # phase 2 had finished one epoch (or two, if the poll was slow)
     result = run(argv)
     assert "Phase 1/2: already finished" in result.stdout
     assert f"continuing phase 2 after epoch {reached}" in result.stdout
     assert_finished_cleanly(run_dir, result)
     # The learning rate goes on decaying from where phase 2 stopped (the optimizer state came back with it).
-    with open(run_dir / "history.csv") as handle:
-        rates = [float(row["learning_rate"]) for row in csv.DictReader(handle)]
-    assert rates[4] < rates[3] < rates[2]
-
-
-def test_killed_in_the_middle_of_phase_1_the_same_command_trains_each_epoch_once(tmp_path):
-    """The issue's silently wrong case: a kill after a head epoch, then the same command (phase 2 used to run past
-    its schedule and history.csv to number epochs 1, 2, 1, 2, 3, 4)."""
-    images = write_separable_folder(tmp_path / "images", per_class=8, size=32)
-    epochs = ["--head-epochs", "40", "--finetune-epochs", "2"]  # enough head epochs to be caught inside phase 1
-    argv = command(images, tmp_path / "runs") + ["--name", "run", *SMALL, *epochs]
-    run_dir = tmp_path / "runs" / "run"
-
-    def inside_phase_1() -> bool:
-        try:
-            rows = len(history_epochs(run_dir))
-        except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-            return False
-        return rows >= 1 and not (run_dir / "checkpoints" / "phase1.done").exists()
-
-    kill_when(argv, inside_phase_1)
-    assert not (run_dir / "checkpoints" / "phase1.done").exists() and not (run_dir / "metrics.json").exists()
-    result = run(argv)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "Phase 1/2: already finished" not in result.stdout  # the head trains again, from its first epoch
-    with open(run_dir / "history.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(row["epoch"]) for row in rows] == list(range(len(rows)))  # each epoch once, in order
-    phases = [int(float(row["phase"])) for row in rows]
-    head = phases.count(1)
-    assert head >= 1 and phases == [1] * head + [2] * 2  # phase 2 ran exactly its two epochs, after the head's
-    assert (run_dir / "metrics.json").is_file()
+    rates = [float(row["learning_rate"]) for row in history_rows(run_dir)]
+    assert rates[HEAD + 2] < rates[HEAD + 1] < rates[HEAD]
 
 
 def _truncate(path: Path) -> None:
@@ -250,7 +244,7 @@ def test_ctrl_c_in_predict_does_not_talk_about_epochs(tmp_path, capsys, monkeypa
 
 
 def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, tmp_path):
-    images, _, _ = interrupted
+    images, _, _, _ = interrupted
     _, run_dir = copy_of(interrupted, tmp_path)
     moved = Path(shutil.copytree(images, tmp_path / "images"))
     train_image = json.loads((run_dir / "split.json").read_text())["train"][0][0]
