@@ -35,7 +35,7 @@ demo: setup
 # once): one pytest process keeps about one of two cores busy (most of a test is Python building and tracing a
 # model), so two nearly halve the wall time.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check classifier tests bench train.py export.py

@@ -3,6 +3,8 @@ exported to every format that the test modules which only read it share (each ta
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -87,15 +89,62 @@ def copy_run(run_dir: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exported_run(tmp_path_factory) -> tuple[Path, dict]:
+def exported_run(tmp_path_factory, worker_id) -> tuple[Path, dict]:
     """One trained run exported to every format (the default), and the export's report. Read-only: modules copy
-    it with `copy_run` before exporting into it again."""
+    it with `copy_run` before exporting into it again.
+
+    Made once per `make test`, not once per pytest-xdist worker: the first worker to need it builds it in the
+    session's shared temporary folder under a lock, and the other reads it from there (xdist's documented recipe;
+    `fcntl.flock` rather than the filelock package, which is not otherwise needed).
+    """
     from classifier.export import export_run
 
-    run_dir = make_trained_run(tmp_path_factory.mktemp("shared"))
-    report = export_run(run_dir, calibration_images=40, latency_runs=5)
-    assert report["passed"], report["failures"]
-    return run_dir, report
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # under xdist: the session's folder, not this worker's
+        root = root.parent
+    shared = root / "shared-exported-run"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "report.json"
+        if not done.is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # what a failed build of another worker left
+            run_dir = make_trained_run(shared)
+            report = export_run(run_dir, calibration_images=40, latency_runs=5)
+            assert report["passed"], report["failures"]
+            done.write_text(json.dumps({"run_dir": str(run_dir), "report": report}))
+        record = json.loads(done.read_text())
+    return Path(record["run_dir"]), record["report"]
+
+
+# Seconds of each test module, summed from `pytest --durations=60 -n 2` on the 2-core development machine while other
+# jobs ran (2026-11-23): only their order matters. `make test` hands whole modules to its two workers in this order,
+# heaviest first, so that the last module to start is a short one and neither worker idles while the other finishes
+# a long one (xdist's own order, most tests first, put the three heaviest modules last). A module missing here is
+# placed as a 10-second one.
+MODULE_SECONDS = {
+    "test_reliability": 190,
+    "test_train": 135,
+    "test_explain": 129,
+    "test_export": 98,
+    "test_distribute": 87,
+    "test_dicom": 75,
+    "test_backbones": 50,
+    "test_evaluate": 37,
+    "test_contract": 20,
+    "test_model": 19,
+    "test_calibration": 15,
+    "test_data": 12,
+    "test_quiet": 9,
+    "test_metrics": 5,
+    "test_predict": 5,
+    "test_inference": 4,
+    "test_benchmark": 3,
+    "test_run": 1,
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: -MODULE_SECONDS.get(Path(str(item.fspath)).stem, 10.0))
 
 
 CORNER_SIZE = 128  # Lite0's last feature map is 4 x 4 here: coarse, but finer than the 2 x 2 quadrants
