@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import sys
 
-ROOT = "classifier"
-
 # `log.info(..., extra=STDERR)`: this line goes to standard error, as `print(..., file=sys.stderr)` did.
 STDERR = {"to_stderr": True}
 
@@ -44,10 +42,11 @@ class ConsoleHandler(logging.Handler):
 def configure() -> None:
     """Gives the `classifier` logger its console handler, once.
 
-    The level becomes INFO unless one was set before. `propagate` is off because absl (imported by TensorFlow)
-    puts a handler on the root logger, which would print every line a second time in its own format.
+    The level becomes INFO unless one was set before. `propagate` is off because the root logger often has a
+    handler of its own: absl's in absl.app programs, or the default one the first module-level `logging.info(...)`
+    (absl's too, which Keras logs through) adds; a record reaching it would show a second time, in its format.
     """
-    logger = logging.getLogger(ROOT)
+    logger = logging.getLogger("classifier")
     if not any(isinstance(handler, ConsoleHandler) for handler in logger.handlers):
         logger.addHandler(ConsoleHandler())
     if logger.level == logging.NOTSET:
