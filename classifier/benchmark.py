@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -21,6 +22,8 @@ import numpy as np
 
 from classifier.errors import UserError, run_cli
 from classifier.inference import model_size, open_model
+
+log = logging.getLogger(__name__)
 
 JSON_KEYS = (
     "model",  # path as given
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
-        print(text if args.json else format_result(result))
+        log.info(text if args.json else format_result(result))
         return 0
 
     return run_cli(run)

@@ -10,12 +10,15 @@ rest. A budget only ever shortens a run: the configured epochs and views are the
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from classifier.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 # Phase 1's augmented views may take this share of the time left after the reserve; phase 2 gets the rest.
@@ -55,7 +58,7 @@ class TimeBudget:
         spendable = (self.remaining() - reserve_seconds) * VIEWS_SHARE
         views = max(0, min(wanted, int(spendable // max(seconds_per_view, 1e-9))))
         if views < wanted:
-            print(
+            log.info(
                 f"  time budget: {views} augmented view(s) instead of {wanted} "
                 f"({seconds_per_view:.0f} s each, {self.remaining():.0f} s left)"
             )
@@ -65,7 +68,7 @@ class TimeBudget:
         """How many fine-tuning epochs fit (at most `wanted`), printing the plan."""
         spendable = self.remaining() - reserve_seconds
         epochs = max(0, min(wanted, int(spendable // max(seconds_per_epoch, 1e-9))))
-        print(
+        log.info(
             f"Time budget: {self.remaining():.0f} s left, {reserve_seconds:.0f} s kept for the final evaluation; "
             f"a fine-tuning epoch takes about {seconds_per_epoch:.0f} s here: {epochs} of {wanted} epoch(s) planned."
         )
@@ -108,7 +111,7 @@ def stop_when_spent(budget: TimeBudget, reserve_seconds: float, validation_secon
             left = budget.remaining() - reserve_seconds - validation_seconds
             steps = self.params.get("steps") or 0
             if left < self._slowest_batch and batch + 1 < steps:
-                print(
+                log.info(
                     f"\nTime budget: stopping epoch {self._epoch + 1} after batch {batch + 1} of {steps}; "
                     f"{max(0.0, left + validation_seconds):.0f} s are left for its validation before the final "
                     "evaluation."
@@ -120,7 +123,7 @@ def stop_when_spent(budget: TimeBudget, reserve_seconds: float, validation_secon
             left = budget.remaining() - reserve_seconds
             last = epoch + 1 >= self.params.get("epochs", 0)
             if left < took and not self.model.stop_training and not last:
-                print(
+                log.info(
                     f"Time budget: stopping after epoch {epoch + 1}: it took {took:.0f} s and {max(0.0, left):.0f} s "
                     "are left before the final evaluation."
                 )

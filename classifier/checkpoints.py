@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import resource
 import shutil
@@ -26,6 +27,8 @@ import numpy as np
 
 from classifier import atomic
 from classifier.run import BEST_RECORD
+
+log = logging.getLogger(__name__)
 
 BACKUP_FOLDER = "phase2_backup"
 BACKUP_RECORD = "state.json"
@@ -100,7 +103,7 @@ class BestStore:
             if problem is None:
                 return record
         if problem is not None:
-            print(
+            log.warning(
                 f"warning: the best checkpoint in {self.folder} is damaged ({problem}); it is set aside as "
                 f"{BEST_RECORD}.damaged and the best value so far is forgotten."
             )
@@ -196,7 +199,7 @@ class Backup(keras.callbacks.Callback):
             return None
 
     def _damaged(self, problem: str) -> None:
-        print(f"warning: phase 2's backup in {self.folder} is damaged ({problem}); phase 2 starts again.")
+        log.warning(f"warning: phase 2's backup in {self.folder} is damaged ({problem}); phase 2 starts again.")
         self.remove()
 
     def on_epoch_end(self, epoch, logs=None):

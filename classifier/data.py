@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -54,6 +55,8 @@ from classifier import atomic, dicom
 from classifier.config import parse_group_by
 from classifier.errors import UserError
 from classifier.run import SPLIT_FILE, Run
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -498,7 +501,7 @@ def _check_groups(group_by: str, kind: str, groups: dict[str, str], usable: int)
     alone = usable - len(groups)
     if alone > 0:
         what = "have no PatientID" if kind == "dicom_patient" else "do not match the pattern"
-        print(f"note: data.group_by {group_by}: {alone} usable file(s) {what}; each is a group of its own.")
+        log.info(f"note: data.group_by {group_by}: {alone} usable file(s) {what}; each is a group of its own.")
 
 
 def _visible_subfolders(folder: Path) -> list[str]:
@@ -659,7 +662,7 @@ def split_scan(scan: ScanResult, *, val_fraction: float = 0.15, test_fraction: f
         pairs = (("train", "val"), ("train", "test"), ("val", "test"))
         shared = set().union(*(members[one] & members[other] for one, other in pairs))
         if shared:
-            print(
+            log.info(
                 f"note: {len(shared)} group(s) (patients, name groups or multi-frame files) have images in more than "
                 "one of the given train/val/test folders; a split made here would keep each group in one subset"
             )
@@ -869,7 +872,7 @@ def prepare_split(
         requested = {"val": val_fraction, "test": test_fraction}
         recorded = {key: split.fractions[key] for key in ("val", "test") if key in split.fractions}
         if split.seed != seed or any(requested[key] != value for key, value in recorded.items()):
-            print(
+            log.info(
                 f"Reusing the split in {manifest} (seed {split.seed}, fractions {split.fractions}); the requested "
                 "seed/fractions apply to new runs only."
             )
@@ -1054,7 +1057,7 @@ def _from_disk_cache(decoded: tf.data.Dataset, folder: Path, nbytes: int) -> tf.
                 shutil.rmtree(stale, ignore_errors=True)
         building = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}"
         building.mkdir()
-        print(f"Decoding {nbytes / 2**20:.0f} MB of images once into the disk cache {folder} ...", flush=True)
+        log.info(f"Decoding {nbytes / 2**20:.0f} MB of images once into the disk cache {folder} ...")
         for _ in decoded.cache(str(building / "images")):
             pass
         (building / "complete").touch()

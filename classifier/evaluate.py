@@ -26,6 +26,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +45,13 @@ from classifier.inference import (
     open_model,
     predict_files,
 )
+from classifier.log import STDERR
 from classifier.run import CALIBRATION_FILE, EVALUATION_REPORT_FILE, MODEL_FILE, SPLIT_FILE, Run
 
 if TYPE_CHECKING:
     from classifier.data import Decoding
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 REPORT_FILE = EVALUATION_REPORT_FILE
@@ -157,13 +161,13 @@ def _resolve_point(point: dict | None, class_names: list[str], positive_class: s
     if point is None or len(class_names) != 2:
         return None
     if list(point["class_names"]) != list(class_names):
-        print(f"note: ignoring {point['path']}: made for classes {point['class_names']}", file=sys.stderr)
+        log.info(f"note: ignoring {point['path']}: made for classes {point['class_names']}", extra=STDERR)
         return None
     if positive_class is not None and positive_class != point["positive_class"]:
-        print(
+        log.info(
             f"note: ignoring {point['path']}: its positive class is '{point['positive_class']}', not "
             f"'{positive_class}'; choose a threshold for it with --choose-threshold",
-            file=sys.stderr,
+            extra=STDERR,
         )
         return None
     return point
@@ -402,10 +406,10 @@ def _open(
     predictor = open_model(model, threads)
     trained_size = _run_image_size(settings_run)
     if trained_size is not None and trained_size != predictor.image_size:
-        print(
+        log.info(
             f"note: {model} takes {predictor.image_size} px images but its run trained at {trained_size} px; "
             f"evaluating at {predictor.image_size} px",
-            file=sys.stderr,
+            extra=STDERR,
         )
     return _Setup(model, run_dir, settings_run, predictor, resize_mode, decoding, batch_size, n_bins)
 
@@ -489,7 +493,7 @@ def _operating_point(
             batch_size=setup.batch_size,
             decoding=setup.decoding,
         )
-        print(
+        log.info(
             f"Operating point ({point['method']}) on {point['count']} validation images: threshold "
             f"{point['threshold']:.4f}, sensitivity {point['sensitivity']:.3f}, specificity "
             f"{point['specificity']:.3f}; saved to {point['path']}"
@@ -518,7 +522,7 @@ def _predict(setup: _Setup, images: _Images) -> _Predictions:
         resize_mode=setup.resize_mode,
         batch_size=setup.batch_size,
         description=f"evaluating {images.subset}",
-        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        on_error=lambda path, reason: log.warning(f"skipped {path}: {reason}", extra=STDERR),
         decoding=setup.decoding,
     )
     skipped = list(images.skipped) + [{"path": items[i][0], "reason": reason} for i, reason in sorted(errors.items())]
@@ -626,10 +630,10 @@ def _calibration(predictor, model: Path, y_true, probabilities, class_names, n_b
     temperature = record["temperature"]
     inside = calibration_lib.model_temperature(predictor.model) if predictor.kind == "keras" else temperature
     if inside is None or abs(inside - temperature) > 1e-3 * temperature:
-        print(
+        log.info(
             f"note: ignoring {record['path']}: it records temperature {temperature:g} but {model} applies "
             f"{'none' if inside is None else f'{inside:g}'}",
-            file=sys.stderr,
+            extra=STDERR,
         )
         return None, None
     before = calibration_lib.undo_temperature(probabilities, temperature)
@@ -801,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             dicom_window=args.dicom_window,
             dicom_frames=args.dicom_frames,
         )
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        log.info(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
 
     return run_cli(run)

@@ -13,6 +13,7 @@ film?"). Only the Keras model can be explained (classifier/gradcam.py says why a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,8 +27,11 @@ from classifier.inference import (
     input_settings,
     open_model,
 )
+from classifier.log import STDERR
 from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
+
+log = logging.getLogger(__name__)
 
 
 def explain(
@@ -70,7 +74,7 @@ def explain(
         raise UserError(f"--batch-size {batch_size}: give 1 or more images per batch")
     files, problems = collect_inputs(inputs)
     for problem in problems:
-        print(f"skipped {problem['path']}: {problem['error']}", file=sys.stderr)
+        log.warning(f"skipped {problem['path']}: {problem['error']}", extra=STDERR)
     if not files:
         raise UserError(
             f"no image files found in {', '.join(map(repr, inputs)) or 'the arguments'}: pass existing files, folders "
@@ -99,7 +103,7 @@ def explain(
         resize_mode=resize_mode,
         decoding=decoding,
         batch_size=batch_size,
-        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        on_error=lambda path, reason: log.warning(f"skipped {path}: {reason}", extra=STDERR),
     )
     return {"model": str(model), **result, "skipped": problems}
 
@@ -149,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             dicom_frames=args.dicom_frames,
         )
         done = sum(row["error"] is None for row in result["rows"])
-        print(
+        log.info(
             f"wrote {done} Grad-CAM overlay(s), {len(result['contact_sheets'])} contact sheet(s) and "
             f"{Path(result['summary']).name} to {result['output_dir']}",
-            file=sys.stderr,
+            extra=STDERR,
         )
         return 0 if done else 1
 

@@ -44,6 +44,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ from classifier import atomic, runlock
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
 from classifier.contract import InputContract
 from classifier.errors import UserError, run_cli
+from classifier.log import STDERR
 from classifier.run import EXPORT_REPORT_FILE, LABELS_FILE, MODEL_FILE, SPLIT_FILE, Run
 
 if TYPE_CHECKING:  # TensorFlow and Keras load only when an export runs
@@ -65,6 +67,8 @@ if TYPE_CHECKING:  # TensorFlow and Keras load only when an export runs
     import tensorflow as tf
 
     from classifier import data
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("saved_model", "float32", "float16", "dynamic", "int8")
 TFLITE_FORMATS = ("float32", "float16", "dynamic", "int8")
@@ -398,7 +402,7 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
     if wanted_tflite:
         source = _write_conversion_model(export.model, export.image_size, scratch / "saved_model")
         for fmt in wanted_tflite:
-            print(f"converting {fmt} ...", flush=True)
+            log.info(f"converting {fmt} ...")
             files[fmt] = export.out_dir / _staged(tflite_file_name(fmt))
             _write_atomic(files[fmt], _with_metadata(export, _convert(source, fmt, representative_dataset), fmt))
     return _Converted(files, scratch, source, calibration, representative_dataset)
@@ -472,7 +476,7 @@ def _retry_int8(
 
     options, path = export.options, converted.files["int8"]
     # Full int8 lost accuracy: keep the layers with the largest quantization error in float and check again.
-    print(f"int8: {'; '.join(problems)}; keeping the {options.keep_float_layers} worst layers in float ...")
+    log.info(f"int8: {'; '.join(problems)}; keeping the {options.keep_float_layers} worst layers in float ...")
     tflite, kept = _selective_int8(
         converted.source, converted.representative_dataset, options.keep_float_layers, converted.scratch
     )
@@ -998,9 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
             latency_runs=args.latency_runs,
             metadata=not args.no_metadata,
         )
-        print(format_report(report))
+        log.info(format_report(report))
         if report["failures"]:
-            print("parity gate FAILED:\n  " + "\n  ".join(report["failures"]), file=sys.stderr)
+            log.error("parity gate FAILED:\n  " + "\n  ".join(report["failures"]), extra=STDERR)
             return 1
         return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import logging
 import os
 import sys
 import time
@@ -26,10 +27,13 @@ import numpy as np
 
 from classifier import contract
 from classifier.errors import UserError
+from classifier.log import STDERR
 from classifier.run import LABELS_FILE, MODEL_FILE, Run
 
 if TYPE_CHECKING:
     from classifier.data import Decoding
+
+log = logging.getLogger(__name__)
 
 KINDS = ("keras", "saved_model", "tflite")
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -361,7 +365,7 @@ def open_model(path: str | os.PathLike, threads: int | None = None):
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
         except RuntimeError:
-            print(f"note: TensorFlow is already running; --threads {threads} does not apply to it", file=sys.stderr)
+            log.info(f"note: TensorFlow is already running; --threads {threads} does not apply to it", extra=STDERR)
     return load_predictor(path, num_threads=threads)
 
 
@@ -475,9 +479,9 @@ def class_labels(predictor) -> list[str]:
     """The predictor's class names, or class_0, class_1, ... (with a note) when none were found beside the model."""
     if predictor.labels:
         return list(predictor.labels)
-    print(
+    log.info(
         f"note: no labels found for {predictor.path} (put the run's {LABELS_FILE} beside it); showing class indices",
-        file=sys.stderr,
+        extra=STDERR,
     )
     return [f"class_{index}" for index in range(predictor.num_classes)]
 

@@ -13,8 +13,8 @@ it is there. A case is called positive when its positive-class probability is >=
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,10 @@ from sklearn.metrics import roc_curve
 
 from classifier import atomic
 from classifier.errors import UserError
+from classifier.log import STDERR
 from classifier.run import OPERATING_POINT_FILE, Run, find_beside_model, read_record
+
+log = logging.getLogger(__name__)
 
 FILE_NAME = OPERATING_POINT_FILE
 METHODS = ("youden", "sensitivity")
@@ -251,9 +254,9 @@ def decision_rule(
     if point is None:
         return None
     if list(point["class_names"]) != labels:
-        print(
+        log.info(
             f"note: ignoring {point['path']}: it is for classes {point['class_names']}, the model has {labels}",
-            file=sys.stderr,
+            extra=STDERR,
         )
         return None
     return {

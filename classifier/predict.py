@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -39,11 +40,14 @@ from classifier.inference import (
     open_model,
     predict_files,
 )
+from classifier.log import STDERR
 from classifier.operating_point import decision_function, decision_rule
 from classifier.run import Run
 
 if TYPE_CHECKING:
     from classifier.data import Decoding
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "json")
 
@@ -174,7 +178,7 @@ def predict(
         files,
         resize_mode=reader.resize_mode,
         batch_size=batch_size,
-        on_error=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr),
+        on_error=lambda path, reason: log.warning(f"skipped {path}: {reason}", extra=STDERR),
         decoding=decoding,
     )
     top_k = min(top_k, len(reader.labels))
@@ -216,7 +220,7 @@ def _find_images(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
     """(image files, problems) of the inputs; each problem is reported on stderr, and none found is an error."""
     files, problems = collect_inputs(inputs)
     for problem in problems:
-        print(f"skipped {problem['path']}: {problem['error']}", file=sys.stderr)
+        log.warning(f"skipped {problem['path']}: {problem['error']}", extra=STDERR)
     if not files:
         raise UserError(
             f"no image files found in {', '.join(map(repr, inputs))}: pass existing files, folders holding "
@@ -340,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if result["explain"]:
             sheets = ", ".join(Path(path).name for path in result["explain"]["contact_sheets"])
-            print(f"wrote Grad-CAM overlays and {sheets} to {result['explain']['output_dir']}", file=sys.stderr)
+            log.info(f"wrote Grad-CAM overlays and {sheets} to {result['explain']['output_dir']}", extra=STDERR)
         if fmt == "json":
             text = json.dumps(result, indent=2) + "\n"
         else:
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             temporary.write_text(text)
             os.replace(temporary, output)
             done = result["count"] - result["errors"]
-            print(f"wrote {done} prediction(s) and {result['errors']} error(s) to {args.output}", file=sys.stderr)
+            log.info(f"wrote {done} prediction(s) and {result['errors']} error(s) to {args.output}", extra=STDERR)
         else:
             sys.stdout.write(text)
         return 0 if result["count"] > result["errors"] else 1

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
 import shutil
@@ -57,6 +58,8 @@ from classifier.errors import UserError, run_cli
 from classifier.metrics import classification_metrics
 from classifier.run import CALIBRATION_FILE, CONFIG_FILE, LOGS_FOLDER, MODEL_FILE, OPERATING_POINT_FILE, Run
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point of `python train.py` and `python -m classifier train`."""
@@ -67,7 +70,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
         for name, spec in backbones.BACKBONES.items():
-            print(f"{name:22s} {spec.default_size:4d} px  ImageNet weights: {spec.weights_source}")
+            log.info(f"{name:22s} {spec.default_size:4d} px  ImageNet weights: {spec.weights_source}")
         return 0
     if args.resume is not None:
         ignored = [
@@ -261,7 +264,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
     if config.run.name is None and not overwrite:
         previous = _latest_unfinished(output_dir, matching=settings)
         if previous is not None:
-            print(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
+            log.info(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
             return previous, True
     run_dir = output_dir / (config.run.name or _auto_name(config))
     run = Run(run_dir)
@@ -293,7 +296,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             f"pass --resume {run_dir} to continue it with its saved settings, --overwrite to start it again, "
             "or --name NEW_NAME for a separate run."
         )
-    print(f"Continuing the interrupted run {run_dir}.")
+    log.info(f"Continuing the interrupted run {run_dir}.")
     return run_dir, True
 
 
@@ -314,7 +317,7 @@ def resume_run(resume: str, output_dir: str) -> tuple[Config, Path]:
         raise UserError(f"--resume {resume}: '{run_dir}' is not a run folder (no {CONFIG_FILE}): pass a run folder.")
     if run.is_finished():
         raise UserError(f"--resume {resume}: run '{run_dir}' is already finished; nothing to continue.")
-    print(f"Continuing the interrupted run {run_dir} with its saved settings.")
+    log.info(f"Continuing the interrupted run {run_dir} with its saved settings.")
     return run.read_config(), run_dir
 
 
@@ -544,7 +547,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         extractor = features.feature_extractor(model)
         head = features.head_model(model)
     n_train = len(split.train)
-    print(
+    log.info(
         f"Phase 1/2: training the head on cached backbone features: the {n_train} training images plain and in "
         f"{plan.feature_views} augmented view(s), {plan.head_epochs} epochs, "
         f"peak learning rate {config.train.head_lr:g}."
@@ -562,7 +565,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     x_train = plain.x[n_val:] if augmented is None else np.concatenate([plain.x[n_val:], augmented.x])
     y_train = plain.y[n_val:] if augmented is None else np.concatenate([plain.y[n_val:], augmented.y])
     extract_seconds = plain.seconds + (augmented.seconds if augmented else 0.0)
-    print(f"  features of {len(x_train) + n_val} images in {extract_seconds:.0f} s ({rate:.0f} images/s)")
+    log.info(f"  features of {len(x_train) + n_val} images in {extract_seconds:.0f} s ({rate:.0f} images/s)")
 
     # Large batches on cached features, but never so large that an epoch is fewer than MIN_HEAD_STEPS updates
     # (a small folder at batch 256 would train its head for one step an epoch).
@@ -598,7 +601,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     )
     epochs_run = len(history.epoch)
     head_seconds = time.perf_counter() - started
-    print(
+    log.info(
         f"  head trained in {head_seconds:.1f} s ({epochs_run} epochs); best {config.train.monitor} "
         f"{best.best:.4f} at epoch {best.best_epoch + 1}."
     )
@@ -634,13 +637,13 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
         # The backup brings back the weights, the optimizer (so the schedule's position) and the epoch reached.
         restored = backup.restore(model)
     if restored is not None:
-        print(f"  continuing phase 2 after epoch {restored} from {backup.folder}.")
+        log.info(f"  continuing phase 2 after epoch {restored} from {backup.folder}.")
         start = restored
     # Rows of epochs about to run again (a kill after history.csv's row but before the backup, or a phase that
     # starts over) would be logged twice.
     _trim_history(ctx.run.history_path, before_epoch=start)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    print(
+    log.info(
         f"Phase 2/2: fine-tuning {len(blocks)} backbone block(s) ({blocks[0]} to the top; BatchNorm frozen); "
         f"epochs {start + 1}-{end}, peak learning rate {config.train.finetune_lr:g}, "
         f"{trainable:,} trainable parameters."
@@ -691,10 +694,10 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
     plan = _resolve_plan(ctx)
     throughput: dict = {}
     if plan.head_epochs == 0:
-        print("Phase 1/2: skipped (0 epochs).")
+        log.info("Phase 1/2: skipped (0 epochs).")
         plan = dataclasses.replace(plan, finetune_start=plan.finetune_start or 0)
     elif run.phase_done(1) and not _head_lost(run):
-        print("Phase 1/2: already finished in this run; skipping.")
+        log.info("Phase 1/2: already finished in this run; skipping.")
     else:
         plan, throughput = _train_head(model, plan, ctx)
         run.write_plan(dataclasses.asdict(plan))
@@ -705,9 +708,9 @@ def _fit_phases(model: keras.Model, ctx: _Context) -> dict:
         plan = dataclasses.replace(plan, finetune_epochs=_affordable_epochs(model, plan.finetune_epochs, ctx))
         run.write_plan(dataclasses.asdict(plan))
     if plan.finetune_epochs == 0:
-        print("Phase 2/2: skipped (0 epochs).")
+        log.info("Phase 2/2: skipped (0 epochs).")
     elif run.phase_done(2):
-        print("Phase 2/2: already finished in this run; skipping.")
+        log.info("Phase 2/2: already finished in this run; skipping.")
     else:
         run.write_plan(dataclasses.asdict(plan))
         throughput["phase2_images_per_second"] = _run_finetuning(model, plan, ctx)
@@ -765,7 +768,7 @@ def _head_lost(run: Run) -> bool:
         return False
     if checkpoints_lib.BestStore(run.checkpoints).record() is not None:
         return False
-    print("Phase 1/2: its best checkpoint is missing or damaged; training the head again.")
+    log.warning("Phase 1/2: its best checkpoint is missing or damaged; training the head again.")
     return True
 
 
@@ -818,7 +821,7 @@ def train(
         chief = run_dir or (Path(config.run.output_dir) / config.run.name if config.run.name else None)
         mirror = _mirror_of_chief_state(chief, scratch)
         if mirror is not None:  # a restarted cluster: every worker continues from the chief's state, in step
-            print(f"{role.describe()}: continuing from the chief's state in {chief}.")
+            log.info(f"{role.describe()}: continuing from the chief's state in {chief}.")
             saved = Run(mirror).read_config()
             _train(saved.replace({"run": {"output_dir": str(scratch)}}), role, mirror, False, extra_callbacks)
         else:
@@ -826,7 +829,7 @@ def train(
             _train(worker_config, role, None, True, extra_callbacks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"{role.describe()}: finished; the chief wrote the run folder.")
+    log.info(f"{role.describe()}: finished; the chief wrote the run folder.")
     return Path(config.run.output_dir) / (config.run.name or "")
 
 
@@ -966,13 +969,13 @@ def _devices(config: Config, role: distribute.Role, split: data.Split) -> tuple[
     keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
     global_batch = config.data.batch_size * strategy.num_replicas_in_sync
     data.check_batch_size(split, global_batch)
-    print(
+    log.info(
         f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
         f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
         f"image size {config.data.image_size}px."
     )
     if role.workers > 1:
-        print(f"Cluster: this process is {role.describe()}.")
+        log.info(f"Cluster: this process is {role.describe()}.")
     return strategy, global_batch
 
 
@@ -981,9 +984,9 @@ def _announced_class_weights(setting: str, split: data.Split) -> dict[int, float
     weights_by_class = _class_weights(setting, split)
     if weights_by_class:
         shown = ", ".join(f"{split.class_names[i]} {w:.2f}" for i, w in weights_by_class.items())
-        print(f"Class weights (balanced): {shown}")
+        log.info(f"Class weights (balanced): {shown}")
     elif setting == "auto" and data.class_weights(split) is not None:
-        print(
+        log.info(
             "Class weights: none, although the classes are imbalanced: with two classes the operating point "
             "chosen on the validation split sets the threshold (--set train.class_weights=on to weigh the loss)."
         )
@@ -1011,7 +1014,7 @@ def _finish(model: keras.Model, ctx: _Context, throughput: dict, started: float,
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
     metrics["finishing_seconds"] = finishing.seconds
-    print(f"After training: {finishing.describe()}.")
+    log.info(f"After training: {finishing.describe()}.")
     run.write_metrics(metrics)  # written last: its presence marks the run as finished
     _print_summary(run.root, metrics)
 
@@ -1050,9 +1053,9 @@ def _calibrate(model: keras.Model, ctx: _Context, logits: dict) -> tuple[keras.M
     with ctx.strategy.scope():
         calibrated = calibration.with_temperature(model, temperature)
     if note:
-        print(f"Calibration: temperature {temperature:g}: {note}.")
+        log.info(f"Calibration: temperature {temperature:g}: {note}.")
     else:
-        print(
+        log.info(
             f"Calibration: temperature {temperature:.3g} fitted on {record['count']} validation images: ECE "
             f"{record['ece_before']:.3f} -> {record['ece_after']:.3f}, NLL {record['nll_before']:.3f} -> "
             f"{record['nll_after']:.3f}. {MODEL_FILE} and every export give the calibrated probabilities."
@@ -1188,47 +1191,47 @@ def _print_data_summary(split: data.Split, run_dir: Path) -> None:
     for column, subset in enumerate((split.train, split.val, split.test)):
         for _, label in subset:
             counts[split.class_names[label]][column] += 1
-    print(f"Data: {split.root}  ({len(split.class_names)} classes; train / val / test images)")
+    log.info(f"Data: {split.root}  ({len(split.class_names)} classes; train / val / test images)")
     for name, (n_train, n_val, n_test) in counts.items():
-        print(f"  {name:24s} {n_train:6d} {n_val:6d} {n_test:6d}")
+        log.info(f"  {name:24s} {n_train:6d} {n_val:6d} {n_test:6d}")
     if split.groups:
         # Counts only: the group hashes stay in split.json.
         sizes = ", ".join(f"{len(split.groups.get(subset, []))} in {subset}" for subset in data.SUBSETS)
-        print(f"Grouped by {split.group_by}: {sizes} (groups).")
+        log.info(f"Grouped by {split.group_by}: {sizes} (groups).")
     if split.skipped:
-        print(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {Run(run_dir).split_path}:")
+        log.info(f"Skipped {len(split.skipped)} unreadable file(s), listed with reasons in {Run(run_dir).split_path}:")
         for entry in split.skipped[:5]:
-            print(f"  {entry['path']}: {entry['reason']}")
+            log.info(f"  {entry['path']}: {entry['reason']}")
         if len(split.skipped) > 5:
-            print(f"  ... and {len(split.skipped) - 5} more")
+            log.info(f"  ... and {len(split.skipped) - 5} more")
 
 
 def _print_summary(run_dir: Path, metrics: dict) -> None:
-    print()
+    log.info("")
     for subset in ("val", "test"):
         if subset in metrics:
             m = metrics[subset]
             auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f}"
-            print(
+            log.info(
                 f"{subset:5s} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
                 f"AUC {auc}  (n={m['count']})"
             )
     record = metrics.get("calibration")
     if record and record["count"]:
-        print(
+        log.info(
             f"Calibration: temperature {record['temperature']:.3g}, validation ECE {record['ece_before']:.3f} -> "
             f"{record['ece_after']:.3f} ({CALIBRATION_FILE}; {MODEL_FILE} and its exports apply it)"
         )
     point = metrics.get("operating_point")
     if point:
-        print(
+        log.info(
             f"Threshold for '{point['positive_class']}': {point['threshold']:.3f} ({point['method']}), validation "
             f"sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f} "
             f"(stored in {OPERATING_POINT_FILE}; evaluate and predict use it)"
         )
     run = Run(run_dir)
-    print(f"Curves:   {run.training_curves_path}")
-    print(f"Model:    {run.model_path}")
-    print(f"Metrics:  {run.metrics_path}")
-    print(f"Watch:    tensorboard --logdir {run.logs}")
-    print(f"Export:   python export.py --run-dir {run_dir}")
+    log.info(f"Curves:   {run.training_curves_path}")
+    log.info(f"Model:    {run.model_path}")
+    log.info(f"Metrics:  {run.metrics_path}")
+    log.info(f"Watch:    tensorboard --logdir {run.logs}")
+    log.info(f"Export:   python export.py --run-dir {run_dir}")
