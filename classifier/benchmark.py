@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
-        log.info(text if args.json else format_result(result))
+        # The command's result, data rather than progress: written out directly (like predict's CSV/JSON), so a
+        # program that routes the `classifier` logger elsewhere still gets clean JSON from `main([... '--json'])`.
+        sys.stdout.write((text if args.json else format_result(result)) + "\n")
         return 0
 
     return run_cli(run)

@@ -805,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
             dicom_window=args.dicom_window,
             dicom_frames=args.dicom_frames,
         )
-        log.info(json.dumps(report, indent=2) if args.json else format_report(report))
+        # The command's result, data rather than progress: written out directly (see benchmark.main).
+        sys.stdout.write((json.dumps(report, indent=2) if args.json else format_report(report)) + "\n")
         return 0
 
     return run_cli(run)
