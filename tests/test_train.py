@@ -204,6 +204,20 @@ def test_config_precedence_yaml_then_set_then_flags(tmp_path):
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, ["val_fraction", "0.6"]),
         ({"train": {"head_epochs": "many"}}, ["head_epochs", "many"]),
         ({"train": {"monitor": "val_accurcy"}}, ["val_accurcy", "val_accuracy"]),
+        # Found by bench/hostile_sweep.py: a traceback (NumPy refuses the seed, NaN reaches Keras' layers) ...
+        ({"data": {"seed": -1}}, ["data.seed", "from 0 to 4294967295"]),
+        ({"train": {"weight_decay": float("nan")}}, ["train.weight_decay", "nan"]),
+        ({"augment": {"zoom": 2}}, ["augment.zoom", "from 0 to 1"]),
+        ({"augment": {"contrast": -1}}, ["augment.contrast", "from 0 to 1"]),
+        # ... or trained with a value that means nothing
+        ({"data": {"cache_budget_mb": -1}}, ["data.cache_budget_mb", "0 or more"]),
+        ({"train": {"label_smoothing": 1.5}}, ["train.label_smoothing", "1 (excluded)"]),
+        ({"train": {"early_stopping_patience": -1}}, ["train.early_stopping_patience"]),
+        ({"augment": {"rotation": -1}}, ["augment.rotation", "from 0 to 0.5"]),
+        ({"run": {"name": "."}}, ["run.name", "'.'"]),
+        ({"run": {"name": "../escape"}}, ["run.name", "without '/'"]),
+        ({"run": {"name": ""}}, ["run.name"]),
+        ({"run": {"output_dir": [1, 2]}}, ["run.output_dir", "a list"]),
     ],
 )
 def test_bad_settings_name_the_setting_and_the_fix(overrides, words):
@@ -359,6 +373,30 @@ def test_a_run_whose_images_do_not_fit_in_memory_trains_from_the_disk_cache(tmp_
     caches = sorted((tmp_path / "xdg" / "classifier" / "decoded").iterdir())
     assert caches and all((folder / "complete").exists() for folder in caches)
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("train: [1, 2]\n", ["'train'", "not a mapping"]),
+        (b"data:\n  seed: \xff\xfe\n", ["not UTF-8"]),
+        # An alias bomb (kept small here: 9^5 strings once written out; the sweep's has 9^9, which took 23 GB of
+        # memory): a list where one value goes is refused without writing it out.
+        (
+            "data:\n  dicom_window: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], "
+            + ", ".join(f"&a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 5))
+            + "]\n",
+            ["data.dicom_window", "a list"],
+        ),
+    ],
+)
+def test_a_config_file_that_is_not_settings_is_refused_in_one_line(tmp_path, capsys, content, words):
+    settings = tmp_path / "settings.yaml"
+    settings.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs"), "--config", str(settings)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(word in err for word in words), err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
