@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from classifier.errors import UserError
+from classifier.run import MODEL_FILE
 
 try:
     import fcntl
@@ -60,7 +61,7 @@ def holding(what: str):
     def decorate(function):
         @functools.wraps(function)
         def wrapper(run_dir, *args, **kwargs):
-            if not Path(run_dir).is_dir():  # not a run folder: the function says so, and nothing is created
+            if not (Path(run_dir) / MODEL_FILE).is_file():  # not a run folder: the function says so, nothing is created
                 return function(run_dir, *args, **kwargs)
             with hold(run_dir, what):
                 return function(run_dir, *args, **kwargs)

@@ -253,10 +253,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
     Raises:
         UserError: the named run exists and is finished, or was started with other settings.
     """
-    output_dir = Path(config.run.output_dir)
-    for folder in [output_dir, *output_dir.parents]:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output-dir '{output_dir}': '{folder}' is a file, not a folder; choose another path.")
+    output_dir = atomic.writable_folder(config.run.output_dir, "--output-dir")
     settings = config.to_dict()
     if config.run.name is None and not overwrite:
         previous = _latest_unfinished(output_dir, matching=settings)

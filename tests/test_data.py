@@ -289,6 +289,8 @@ def test_user_mistakes_get_messages_that_name_the_fix(tmp_path):
     message = error_of(lambda: demo_data.resolve_data_dir(None, "beans"))
     assert "tfds:NAME" in message and "--data-dir" in message
     assert "does not exist" in error_of(lambda: demo_data.resolve_data_dir(str(tmp_path / "nope"), None))
+    image = tmp_path / "small" / "a" / "000.png"  # said to "not exist" (bench/hostile_sweep.py)
+    assert "is a file, not a folder" in error_of(lambda: demo_data.resolve_data_dir(str(image), None))
 
 
 def test_elpv_is_materialised_as_defective_and_functional_folders(tmp_path):
