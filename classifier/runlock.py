@@ -55,6 +55,12 @@ def hold(run_dir: str | os.PathLike, what: str) -> Iterator[None]:
         handle.close()  # closing the file releases the lock
 
 
+def ensure_free(run_dir: str | os.PathLike, what: str) -> None:
+    """Raises `hold`'s UserError when a live process holds the run folder (before moving it aside, say)."""
+    with hold(run_dir, what):
+        pass
+
+
 def holding(what: str):
     """Decorator: the function's first argument is a run folder, held for the duration of the call."""
 

@@ -193,6 +193,35 @@ def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
 
 
+def test_a_damaged_plan_and_history_are_reported_and_the_run_still_finishes(interrupted, tmp_path):
+    """Found by bench/hostile_sweep.py: plan.json that is not JSON and history.csv that is not text ended the resumed
+    run in JSONDecodeError and UnicodeDecodeError, every time."""
+    argv, run_dir = copy_of(interrupted, tmp_path)
+    (run_dir / "checkpoints" / "plan.json").write_text("{ nope")
+    (run_dir / "history.csv").write_bytes(bytes(range(256)))
+    result = run(argv)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "plan.json is damaged" in result.stdout and "phase 1 runs again" in result.stdout
+    assert "history.csv cannot be read" in result.stdout and (run_dir / "history.damaged.csv").is_file()
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "training_curves.png").is_file()
+    assert history_epochs(run_dir)[:2] == [0, 1]  # phase 1 again, then the rest of phase 2 from its backup
+
+
+def test_a_write_error_that_tensorflow_wraps_gets_the_one_line_message(capsys):
+    """Found by bench/hostile_sweep.py: export under a file-size limit ended in TensorFlow's OutOfRangeError (an
+    OSError would have been named)."""
+    import tensorflow as tf
+
+    from classifier.errors import run_cli
+
+    def save():
+        raise tf.errors.OutOfRangeError(None, None, "saved_model/variables/part-00000 ... ; File too large [Op:SaveV2]")
+
+    assert run_cli(save) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a file-size limit was reached") and "Traceback" not in err
+
+
 # Settings and untrusted files: refused before any work, in one line, never a traceback.
 
 

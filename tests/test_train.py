@@ -409,6 +409,49 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsy
     assert "is a file, not a folder" in err and "Traceback" not in err
 
 
+def test_an_output_dir_inside_the_data_folder_is_refused(tmp_path, capsys):
+    """Found by bench/hostile_sweep.py: the run folder was then scanned as a class "with 0 usable images", and the
+    message told the user to add images to the tool's own folder."""
+    images = write_separable_folder(tmp_path / "images", per_class=4)
+    assert main(["--data-dir", str(images), "--output-dir", str(images / "runs"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "is inside the data folder" in err and not (images / "runs").exists()
+
+
+def _unfinished_run(folder: Path) -> Path:
+    """A folder laid out like an interrupted run of `make_config(...)` (settings only)."""
+    from classifier.run import Run
+
+    folder.mkdir(parents=True)
+    Run(folder).write_config(make_config(folder, folder.parent))
+    return folder
+
+
+def test_overwrite_after_a_killed_overwrite_removes_the_half_made_run_and_keeps_the_old_one_aside(tmp_path):
+    """Found by bench/hostile_sweep.py: `.run.replaced` (the old run, moved aside by an --overwrite killed during
+    setup) made the next --overwrite fail with OSError "Directory not empty"."""
+    from classifier.train import choose_run_dir
+
+    half_made = _unfinished_run(tmp_path / "runs" / "run")
+    old = _unfinished_run(tmp_path / "runs" / ".run.replaced")
+    config = make_config(tmp_path / "images", tmp_path / "runs", "--name", "run")
+    assert choose_run_dir(config, overwrite=True) == (half_made, False)
+    assert not half_made.exists() and (old / "config.yaml").is_file()
+
+
+def test_overwrite_of_a_run_that_is_training_is_refused(tmp_path):
+    """Found by bench/hostile_sweep.py (once the check was strict): --overwrite moved the folder away from under the
+    training that held it, and both trained into one folder."""
+    from classifier import runlock
+    from classifier.train import choose_run_dir
+
+    busy = _unfinished_run(tmp_path / "runs" / "run")
+    config = make_config(tmp_path / "images", tmp_path / "runs", "--name", "run")
+    with runlock.hold(busy, "training"), pytest.raises(UserError, match="is in use by training"):
+        choose_run_dir(config, overwrite=True)
+    assert (busy / "config.yaml").is_file() and not (tmp_path / "runs" / ".run.replaced").exists()
+
+
 def test_the_logged_learning_rate_is_the_epochs_mean_not_its_last_step():
     from classifier.callbacks import LearningRateLogger
 
