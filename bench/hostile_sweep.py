@@ -76,6 +76,7 @@ FAST += ["--head-epochs", "1", "--finetune-epochs", "0"]
 TRAIN = ["train", "--data-dir", "{images}", "--output-dir", "{case}/runs", "--name", "sweep", *FAST]
 EXPORT = ["export", "--run-dir", "{run}", "--formats", "float32", "--latency-runs", "1", "--calibration-images", "8"]
 LIGHT_TIMEOUT, HEAVY_TIMEOUT = 120, 420
+MEMORY_LIMIT = 8 * 2**30  # address space of each command
 OUTCOMES = ("ok", "message", "traceback", "lost", "wrong", "unclear")
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -169,6 +170,9 @@ def build_base(work: Path) -> Base:
         + ["--head-epochs", "3", "--finetune-epochs", "1"],
         ["train", "--data-dir", str(images2), "--output-dir", str(runs), "--name", "run2", *FAST],
         ["export", "--run-dir", str(runs / "run"), "--latency-runs", "2", "--calibration-images", "12"],
+        # A .tflite without metadata (no labels or input contract inside): what the files beside it are read for.
+        ["export", "--run-dir", str(runs / "run"), "--formats", "float32", "--no-metadata", "--out-dir"]
+        + [str(work / "plain"), "--latency-runs", "1"],
     ]
     for argv in steps:
         started = time.perf_counter()
@@ -199,6 +203,7 @@ class Result:
     seconds: float
     maxrss_mb: float = 0.0
     timed_out: bool = False
+    problem: str | None = None  # what a driver found wrong with an exit-0 result
 
     @property
     def text(self) -> str:
@@ -223,7 +228,7 @@ def run_command(
             stdout=out,
             stderr=err,
             start_new_session=True,
-            preexec_fn=preexec,
+            preexec_fn=lambda: _child_setup(preexec),
             text=True,
         )
         if on_start is not None:
@@ -247,6 +252,17 @@ def run_command(
         return Result(
             process.returncode, out.read(), err.read(), time.perf_counter() - started, usage.ru_maxrss / 1024, timed_out
         )
+
+
+def _child_setup(preexec: Callable[[], None] | None) -> None:
+    """In the child before exec: Ctrl-C as in a terminal (a shell starts background jobs with SIGINT ignored, and
+    Python then installs no KeyboardInterrupt), then the case's own setup (a file-size limit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # A case that runs away (an alias bomb written out took 23 GB) fails alone instead of taking the machine down;
+    # TensorFlow itself maps about 4 GB of address space.
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    if preexec is not None:
+        preexec()
 
 
 def command(argv: list[str], cwd: Path, timeout: float = LIGHT_TIMEOUT, **kwargs) -> Result:
@@ -526,7 +542,12 @@ def settings_cases() -> list[Case]:
         )
     for form in ("bogus.key=1", "noequals", "nodot=1", "=1", "data.=1"):
         cases.append(
-            Case("settings", f"--set {form}", _settings_base("") + ["--set", form], says=(form.split("=")[0] or "=",))
+            Case(
+                "settings",
+                f"--set {form}",
+                _settings_base("") + ["--set", form],
+                says=(form.split("=")[0].split(".")[0] or "=",),
+            )
         )
     return cases
 
@@ -544,12 +565,10 @@ def _write(path: str, content: str | bytes) -> Callable[[Context], None]:
 
 
 def _laughs() -> str:
-    """A YAML alias bomb: nine levels of nine references (9^9 strings once expanded)."""
-    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for level in range(1, 9):
-        ref = f"*a{level - 1}"
-        lines.append(f"a{level}: &a{level} [{', '.join([ref] * 9)}]")
-    return "\n".join(lines) + "\ndata:\n  dicom_window: *a8\n"
+    """A YAML alias bomb as the value of one setting: nine levels of nine references (9^9 strings written out)."""
+    levels = ["&a0 [" + ", ".join(['"lol"'] * 9) + "]"]
+    levels += [f"&a{level} [{', '.join([f'*a{level - 1}'] * 9)}]" for level in range(1, 9)]
+    return "data:\n  dicom_window: [" + ", ".join(levels) + "]\n"
 
 
 def config_cases() -> list[Case]:
@@ -606,7 +625,7 @@ def train_flag_cases() -> list[Case]:
         flag("--image-size 7", "--image-size", "7", says=("image_size", "image-size")),
         flag("--batch-size 0", "--batch-size", "0", says=("batch_size", "batch-size")),
         flag("--batch-size larger than the data", "--batch-size", "1000", says=("batch size", "batch-size")),
-        flag("--epochs -1", "--epochs", "-1", says=("epochs",)),
+        flag("--epochs -1", argv=[*TRAIN[:-4], "--epochs", "-1"], says=("epochs",)),
         flag("--epochs 0", "--head-epochs", "0", "--finetune-epochs", "0", says=("epochs",)),
         flag("--val-fraction 1.5", "--val-fraction", "1.5", says=("val_fraction", "val-fraction")),
         flag("--val-fraction 0", "--val-fraction", "0", says=("val_fraction", "val-fraction")),
@@ -676,7 +695,15 @@ def train_flag_cases() -> list[Case]:
             verify=lambda ctx, r: None if "tiny" in r.out else "tiny not listed",
         ),
         flag("--devices cpu", "--devices", "cpu", expect="ok", verify=trained()),
-        flag("--mixed-precision on, on a CPU", "--mixed-precision", "on", says=("mixed", "GPU")),
+        Case(
+            "train",
+            "--mixed-precision on, on a CPU",
+            [*TRAIN, "--mixed-precision", "on"],
+            expect="ok",
+            verify=trained(),
+            heavy=True,
+            note="--mixed-precision on is honoured on a CPU too: float16 compute there is slower, not wrong",
+        ),
     ]
     return cases
 
@@ -804,7 +831,9 @@ def evaluate_flag_cases() -> list[Case]:
             verify=wrote("{case}/ev/evaluation.json"),
         ),
         flag("--subset bogus", "--subset", "bogus", says=("subset",)),
-        flag("--subset val", "--subset", "val", expect="ok", verify=wrote("{run}/evaluation/keras/evaluation.json")),
+        flag(
+            "--subset val", "--subset", "val", expect="ok", verify=wrote("{run}/evaluation/keras-val/evaluation.json")
+        ),
         flag(
             "--subset with a class-folder --data-dir",
             argv=["evaluate", "--model", "{model}", "--data-dir", "{images}", "--subset", "val"],
@@ -1158,7 +1187,7 @@ def folder_cases() -> list[Case]:
         def change(ctx, own):
             for folder in sorted(own.iterdir())[n_classes:]:
                 shutil.rmtree(folder)
-            for folder in own.iterdir():
+            for folder in own.iterdir():  # the class folders (write_images makes nothing else)
                 for path in sorted(folder.iterdir())[per_class:]:
                     path.unlink()
 
@@ -1256,7 +1285,8 @@ def folder_cases() -> list[Case]:
             "--output-dir inside --data-dir",
             output_inside,
             argv=["train", "--data-dir", "{own}", "--output-dir", "{own}/runs", "--name", "sweep", *FAST],
-            verify=trained(run="{own}/runs/sweep"),
+            expect="message",
+            says=("inside",),
         ),
         predict_folder("a symlink loop inside", lambda ctx, own: os.symlink(own, own / "circle_red" / "loop")),
         predict_folder("__MACOSX/ and hidden files", macosx),
@@ -1356,8 +1386,10 @@ def untrusted_cases() -> list[Case]:
         "1",
     ]
 
-    def case(name, argv, prepare, says=(), expect="message", verify=None, heavy=False) -> Case:
-        return Case("untrusted", name, argv, expect=expect, says=says, prepare=prepare, verify=verify, heavy=heavy)
+    def case(name, argv, prepare, says=(), expect="message", verify=None, heavy=False, note="") -> Case:
+        return Case(
+            "untrusted", name, argv, expect=expect, says=says, prepare=prepare, verify=verify, heavy=heavy, note=note
+        )
 
     python_tag = _write("{run}/config.yaml", "data: !!python/object/apply:os.system ['touch {case}/planted']\n")
     cases = [
@@ -1492,9 +1524,23 @@ def untrusted_cases() -> list[Case]:
             says=("labels.txt",),
         ),
         case(
+            "input_contract.json: garbage beside a .tflite that carries its own",
+            ["predict", "--model", "{case}/alone/m.tflite", "{image}"],
+            lambda ctx: _alone(ctx, "{ nope", plain=False),
+            expect="ok",
+            verify=predictions_right,
+            note="the input contract inside a model is read first; one beside it is read only for a model without",
+        ),
+        case(
             "input_contract.json: garbage, .tflite alone",
             ["predict", "--model", "{case}/alone/m.tflite", "{image}"],
             lambda ctx: _alone(ctx, "{ nope"),
+            says=("input_contract.json", "contract"),
+        ),
+        case(
+            "input_contract.json: invalid UTF-8, .tflite alone",
+            ["predict", "--model", "{case}/alone/m.tflite", "{image}"],
+            lambda ctx: _alone(ctx, b"\xff\xfe{}"),
             says=("input_contract.json", "contract"),
         ),
         case(
@@ -1559,16 +1605,18 @@ def untrusted_cases() -> list[Case]:
     return cases
 
 
-def _alone(ctx: Context, contract: str) -> None:
-    """The int8 .tflite copied alone into a folder, with an input_contract.json beside it (`size`: a bad size)."""
+def _alone(ctx: Context, contract: str | bytes, plain: bool = True) -> None:
+    """A .tflite copied alone into a folder, with `contract` as the input_contract.json beside it ("size": the run's
+    with image_size -5). `plain`: the file without metadata, so the one beside it is what tells its classes."""
     folder = ctx.folder / "alone"
     folder.mkdir()
-    shutil.copy(ctx.run / "export" / "model_int8.tflite", folder / "m.tflite")
+    source = ctx.base.work / "plain" / "model_float32.tflite" if plain else ctx.run / "export" / "model_int8.tflite"
+    shutil.copy(source, folder / "m.tflite")
     if contract == "size":
         content = json.loads((ctx.run / "input_contract.json").read_text())
         content["image_size"] = -5
         contract = json.dumps(content)
-    (folder / "input_contract.json").write_text(contract)
+    (folder / "input_contract.json").write_bytes(contract if isinstance(contract, bytes) else contract.encode())
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -1660,22 +1708,37 @@ def mistake_cases() -> list[Case]:
 # Concurrency, kills and leftovers: drivers that run several processes
 
 
-def _both(first: Result, second: Result) -> Result:
-    """Two commands meant to end as one success and one refusal (or two successes), as one result: exit 0 when
-    they did, else the failing exit code; the outputs joined."""
-    codes = sorted([first.rc, second.rc])
-    rc = 0 if codes[0] == 0 and codes[1] in (0, 2) else (codes[1] if codes[0] == 0 else codes[0])
-    return Result(
-        rc,
+def _both(first: Result, second: Result, second_refused: bool, refusal: tuple[str, ...] = ("in use",)) -> Result:
+    """Two commands as one result: exit 0 when `first` succeeded and `second` succeeded too, or (`second_refused`)
+    was refused with one of the `refusal` words (the first held the run folder); else the failing exit code. The
+    outputs are joined."""
+    joined = Result(
+        0,
         first.out + second.out,
         first.err + "\n" + second.err,
         max(first.seconds, second.seconds),
         max(first.maxrss_mb, second.maxrss_mb),
         first.timed_out or second.timed_out,
     )
+    if first.rc != 0:
+        joined.rc = first.rc
+    elif second_refused and second.rc == 0:
+        joined.problem = "both worked in one run folder at the same time"
+    elif second_refused and not (second.rc == 2 and any(word in second.err for word in refusal)):
+        joined.rc = second.rc or 1
+    elif not second_refused:
+        joined.rc = second.rc
+    return joined
 
 
-def _together(ctx: Context, first: list[str], second: list[str], ready: Callable[[], bool] | None = None) -> Result:
+def _together(
+    ctx: Context,
+    first: list[str],
+    second: list[str],
+    ready: Callable[[], bool] | None = None,
+    refused: bool = True,
+    refusal: tuple[str, ...] = ("in use",),
+) -> Result:
     """Starts `first`; once `ready()` holds (at once without it) runs `second` beside it; waits for both."""
     results: dict[str, Result] = {}
     thread = threading.Thread(
@@ -1687,7 +1750,7 @@ def _together(ctx: Context, first: list[str], second: list[str], ready: Callable
         time.sleep(0.02)
     results["b"] = command(ctx.expand(second), ctx.folder, HEAVY_TIMEOUT)
     thread.join()
-    return _both(results["a"], results["b"])
+    return _both(results["a"], results["b"], refused, refusal)
 
 
 def _holds_lock(folder: Path, what: str) -> Callable[[], bool]:
@@ -1734,9 +1797,9 @@ def concurrency_cases() -> list[Case]:
     busy += ["--head-epochs", "2", "--finetune-epochs", "2"]
     export_both = [*EXPORT, "--formats", "float32,int8"]
 
-    def beside_training(second: list[str]) -> Callable[[Context], Result]:
+    def beside_training(second: list[str], refusal: tuple[str, ...] = ("in use",)) -> Callable[[Context], Result]:
         def drive(ctx: Context) -> Result:
-            return _together(ctx, busy, second, _holds_lock(ctx.folder / "runs" / "busy", "training"))
+            return _together(ctx, busy, second, _holds_lock(ctx.folder / "runs" / "busy", "training"), True, refusal)
 
         return drive
 
@@ -1745,7 +1808,7 @@ def concurrency_cases() -> list[Case]:
 
     def two_predicts_one_output(ctx: Context) -> Result:
         argv = ["predict", "--model", "{tflite}", "--output", "{case}/p.csv", "{images}"]
-        return _together(ctx, argv, argv)
+        return _together(ctx, argv, argv, refused=False)
 
     def whole_csv(ctx: Context, result: Result) -> str | None:
         rows = len(_rows((ctx.folder / "p.csv").read_text()))
@@ -1768,7 +1831,7 @@ def concurrency_cases() -> list[Case]:
         Case(
             "concurrency",
             "export while the run trains",
-            driver=beside_training(export_busy),
+            driver=beside_training(export_busy, ("in use", "model.keras' does not exist")),
             expect="ok",
             verify=trained(run="{case}/runs/busy"),
             exclusive=True,
@@ -1865,11 +1928,12 @@ def kill_cases() -> list[Case]:
         export_dir = ctx.run / "export"
         (export_dir / ".convert-dead").mkdir()
         (export_dir / ".convert-dead" / "scratch.bin").write_bytes(os.urandom(1000))
-        (ctx.run / ".partial-999999-model.keras").write_bytes(b"half")
         (export_dir / ".partial-999999-model_float32.tflite").write_bytes(b"half")
 
     def clean(ctx: Context, result: Result) -> str | None:
-        left = [p.name for p in ctx.run.rglob("*") if p.name.startswith((".convert-", ".partial-"))]
+        left = [
+            p.name for p in (ctx.run / "export").iterdir() if p.name.startswith((".convert-", ".partial-", ".pending-"))
+        ]
         return f"left behind: {left}" if left else None
 
     def replaced_left(ctx: Context) -> None:
@@ -2028,7 +2092,9 @@ GROUPS: dict[str, Callable[[], list[Case]]] = {
 # Classifying
 
 
-_ERROR_LINE = re.compile(r"^(error|interrupted|[\w. ]+: error): .+", re.MULTILINE)
+# An error line: ours (`error: `, `interrupted: `), argparse's (`prog: error: `), or a file predict and explain could
+# not read (`skipped PATH: reason`; they exit 1 when no file could be read).
+_ERROR_LINE = re.compile(r"^(error|interrupted|[\w. ]+: error|skipped .+?): .+", re.MULTILINE)
 
 
 def classify(case: Case, result: Result, lost: str | None, problem: str | None) -> tuple[str, str]:
@@ -2075,8 +2141,8 @@ def run_case(case: Case, base: Base, work: Path, keep: bool) -> dict:
             argv = ctx.expand(case.argv)
             record["argv"] = argv
             result = command(argv, folder, HEAVY_TIMEOUT if case.heavy else LIGHT_TIMEOUT)
-        problem = None
-        if result.rc == 0 and case.verify is not None:
+        problem = result.problem
+        if result.rc == 0 and problem is None and case.verify is not None:
             try:
                 problem = case.verify(ctx, result)
             except Exception as error:  # noqa: BLE001 - the result is not there or not readable: wrong
