@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from classifier.errors import UserError
+
 # The temporary name keeps the final name as its tail, so libraries that check suffixes (Keras wants
 # `.weights.h5` and `.keras`) accept it, and starts with a dot so folder scans skip it.
 PREFIX = ".partial-"
@@ -56,3 +58,30 @@ def remove_leftovers(folder: str | os.PathLike) -> None:
         for leftover in folder.glob(f"{PREFIX}*"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
+
+
+def writable_folder(path: str | os.PathLike, flag: str, given: str | os.PathLike | None = None) -> Path:
+    """Creates the folder a command writes into (and its parents), before any work whose results it would hold.
+
+    Args:
+        path: The folder.
+        flag: How the user named it, for the message (`--out-dir`, "heatmap folder").
+        given: What the user gave, when it is not `path` itself (a file to write into `path`).
+
+    Raises:
+        UserError: it, or a folder above it, is a file; it cannot be created; or it is not writable.
+    """
+    path = Path(path)
+    named = f"{flag} '{given or path}'"
+    for folder in [path, *path.parents]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{named}: '{folder}' is a file, not a folder; choose another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"{named}: '{path}' cannot be created ({error.strerror}); choose a folder you can write to."
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{named}: '{path}' is not writable; choose a folder you can write to.")
+    return path

@@ -16,12 +16,12 @@ import platform
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 
+from classifier import atomic
 from classifier.errors import UserError, run_cli
-from classifier.inference import model_size, open_model
+from classifier.inference import check_report_path, model_size, open_model
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        if args.output:
+            check_report_path(args.output)  # before measuring, which a bad path would otherwise waste
         result = benchmark(
             args.model,
             threads=args.threads,
@@ -174,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         text = json.dumps(result, indent=2)
         if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(text + "\n")
+            atomic.write_text(args.output, text + "\n")
         # The command's result, data rather than progress: written out directly (like predict's CSV/JSON), so a
         # program that routes the `classifier` logger elsewhere still gets clean JSON from `main([... '--json'])`.
         sys.stdout.write((text if args.json else format_result(result)) + "\n")

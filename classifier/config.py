@@ -240,6 +240,46 @@ CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class _Bounds:
+    """The numbers a numeric setting accepts: low <= value <= high (< high when `high_excluded`); NaN never."""
+
+    low: float
+    high: float | None
+    example: str
+    high_excluded: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not value >= self.low:  # also False for NaN
+            return False
+        return self.high is None or (value < self.high if self.high_excluded else value <= self.high)
+
+    def describe(self) -> str:
+        low, high = (f"{int(n)}" if float(n).is_integer() else f"{n:g}" for n in (self.low, self.high or 0))
+        if self.high is None:
+            return f"{low} or more"
+        return f"from {low} to {high}{' (excluded)' if self.high_excluded else ''}"
+
+
+# Numeric settings whose type does not bound them (the fractions, learning rates and epoch counts have their own
+# checks in `validate`, with messages about how they combine).
+BOUNDS = {
+    ("data", "seed"): _Bounds(0, 2**32 - 1, "42"),  # NumPy and Keras seed their generators with 32 bits
+    ("data", "cache_budget_mb"): _Bounds(0, None, "2048"),
+    ("model", "dropout"): _Bounds(0, 1, "0.2", high_excluded=True),
+    ("train", "weight_decay"): _Bounds(0, None, "1e-4"),
+    ("train", "label_smoothing"): _Bounds(0, 1, "0.1", high_excluded=True),
+    ("train", "early_stopping_patience"): _Bounds(0, None, "5"),
+    # Fractions of a full turn; 0.5 already reaches every angle.
+    ("augment", "rotation"): _Bounds(0, 0.5, "0.05"),
+    # Keras' zoom, translation, contrast and brightness factors end at 1 (the whole image or value range).
+    ("augment", "zoom"): _Bounds(0, 1, "0.1"),
+    ("augment", "translation"): _Bounds(0, 1, "0.1"),
+    ("augment", "contrast"): _Bounds(0, 1, "0.2"),
+    ("augment", "brightness"): _Bounds(0, 1, "0.1"),
+}
+
+
 def _coerce_section(section: Any, changes: dict[str, Any]) -> dict[str, Any]:
     """Checks the keys of one section and converts string values (from the command line) to the field's type."""
     if not isinstance(changes, dict):
@@ -260,10 +300,13 @@ def _coerce_section(section: Any, changes: dict[str, Any]) -> dict[str, Any]:
 def _coerce_value(key: str, value: Any, hint: Any) -> Any:
     """Converts `value` to the type named by `hint` (int | None, float, bool, str ...), or raises a UserError."""
     allowed = getattr(hint, "__args__", (hint,))
+    if isinstance(value, (list, dict)):  # never shown: a YAML alias bomb is billions of items once written out
+        kind = "a list" if isinstance(value, list) else "a mapping"
+        raise UserError(f"setting '{key}' got {kind}: give one value ({_type_name(hint)}).")
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "all") and type(None) in allowed):
         if type(None) in allowed:
             return None
-        raise UserError(f"setting '{key}' cannot be empty: give a value of type {hint}.")
+        raise UserError(f"setting '{key}' cannot be empty: give a value ({_type_name(hint)}).")
     for kind in allowed:
         if kind is type(None):
             continue
@@ -281,15 +324,44 @@ def _coerce_value(key: str, value: Any, hint: Any) -> Any:
             return kind(value)
         except (TypeError, ValueError):
             continue
-    raise UserError(f"setting '{key}' got {value!r}, which is not a valid {hint}.")
+    raise UserError(f"setting '{key}' got {value!r}, which is not a valid value ({_type_name(hint)}).")
+
+
+def checked_setting(section: str, key: str, value: Any) -> Any:
+    """One value of a config file as this version reads it: of the setting's type, within its choices and bounds.
+    A value of a setting this version does not know is returned as written (a run of a newer version still reads).
+
+    Raises:
+        UserError: the value has the wrong type, or is not one of the choices or within the bounds.
+    """
+    sections = {item.name: type(getattr(Config(), item.name)) for item in fields(Config)}
+    hints = get_type_hints(sections[section]) if section in sections else {}
+    if key not in hints:
+        return value
+    value = _coerce_value(f"{section}.{key}", value, hints[key])
+    choices, bounds = CHOICES.get((section, key)), BOUNDS.get((section, key))
+    if choices is not None and value not in choices:
+        raise UserError(f"{section}.{key} is {value!r}: choose one of {', '.join(choices)}.")
+    if bounds is not None and value is not None and not bounds.holds(value):
+        raise UserError(f"{section}.{key} is {value}: use a number {bounds.describe()}, such as {bounds.example}.")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    """`float or null` for `float | None`: a type as the user writes it."""
+    return " or ".join("null" if kind is type(None) else kind.__name__ for kind in getattr(hint, "__args__", (hint,)))
 
 
 def validate(config: Config) -> None:
     """Checks values a dataclass type cannot express; raises UserError naming the setting and the fix."""
-    for (section, key), choices in CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in choices:
-            raise UserError(f"{section}.{key} is {value!r}: choose one of {', '.join(choices)}.")
+    for section, key in [*CHOICES, *BOUNDS]:
+        checked_setting(section, key, getattr(getattr(config, section), key))
+    name = config.run.name
+    if name is not None and (name.strip() in ("", ".", "..") or "/" in name or "\\" in name):
+        raise UserError(
+            f"run.name {name!r} is not a folder name: give a plain name such as 'xray-lite0', without '/' "
+            "(--output-dir says where run folders go)."
+        )
     data, train = config.data, config.train
     if not 0 < data.val_fraction < 1 or not 0 <= data.test_fraction < 1 or data.val_fraction + data.test_fraction >= 1:
         raise UserError(
@@ -366,7 +438,11 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist: pass --config with the path of a YAML file.")
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"config file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8."
+        ) from None
     except yaml.YAMLError as error:
         # Also what a `!!python/object` tag gives (safe_load builds no Python objects).
         first = str(error).splitlines()[0]
@@ -398,5 +474,10 @@ def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for layer in layers:
         for section, values in layer.items():
+            if values is not None and not isinstance(values, dict):
+                raise UserError(
+                    f"config section '{section}' is {type(values).__name__}, not a mapping of key: value: write each "
+                    f"setting on its own line below '{section}:', e.g. '  seed: 42'."
+                )
             merged.setdefault(section, {}).update(values or {})
     return merged

@@ -118,7 +118,8 @@ class InputContract:
                 f"this toolkit feeds {CHANNELS} pixels {PIXEL_RANGE[0]}..{PIXEL_RANGE[1]} only"
             )
         names = record["class_names"]
-        if not isinstance(record["image_size"], int) or not isinstance(names, list) or not names:
+        size = record["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or not isinstance(names, list) or not names:
             raise UserError(
                 f"input contract {source} has image_size {record['image_size']!r} and class_names {names!r}: "
                 "expected a number of pixels and a list of names; export the model again"
@@ -139,7 +140,10 @@ def read(path: str | os.PathLike) -> InputContract | None:
         UserError: see `InputContract.from_json`.
     """
     path = Path(path)
-    return InputContract.from_json(path.read_text(encoding="utf-8"), f"'{path}'") if path.is_file() else None
+    if not path.is_file():
+        return None
+    # Bytes that are not UTF-8 become U+FFFD, which from_json then refuses as not a record, naming the file.
+    return InputContract.from_json(path.read_bytes().decode("utf-8", errors="replace"), f"'{path}'")
 
 
 def write(path: str | os.PathLike, contract: InputContract) -> Path:

@@ -811,9 +811,9 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
         split = Split(
             root=os.path.abspath(os.path.expanduser(os.fspath(root))) if root is not None else content["root"],
             class_names=list(content["class_names"]),
-            train=[(str(rel), int(label)) for rel, label in content["train"]],
-            val=[(str(rel), int(label)) for rel, label in content["val"]],
-            test=[(str(rel), int(label)) for rel, label in content["test"]],
+            train=_entries(content["train"], len(content["class_names"])),
+            val=_entries(content["val"], len(content["class_names"])),
+            test=_entries(content["test"], len(content["class_names"])),
             skipped=list(content.get("skipped", [])),
             seed=int(content["seed"]),
             fractions=dict(content["fractions"]),
@@ -834,6 +834,18 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
                 "inside it, so the file was edited or comes from elsewhere; restore it or start a new run."
             )
     return split
+
+
+def _entries(items: list, num_classes: int) -> list[tuple[str, int]]:
+    """A subset of split.json as (path, label) pairs, each checked: a path, and a label of one of the classes."""
+    entries = []
+    for rel, label in items:
+        if not isinstance(rel, str) or not rel or isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"entry {[rel, label]!r} is not [relative path, class index]")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"entry {[rel, label]!r} names class {label}, but there are {num_classes} classes")
+        entries.append((rel, label))
+    return entries
 
 
 def prepare_split(

@@ -59,6 +59,10 @@ def resolve_data_dir(data_dir: str | None, dataset: str | None, cache_dir: Path 
         raise UserError("both --data-dir and --dataset were given: pass only one of them.")
     if data_dir:
         path = Path(data_dir).expanduser()
+        if path.is_file():
+            raise UserError(
+                f"--data-dir '{data_dir}' is a file, not a folder: pass the folder that holds one subfolder per class"
+            )
         if not path.is_dir():
             raise UserError(
                 f"data folder '{data_dir}' does not exist: pass --data-dir pointing at a folder with one subfolder "

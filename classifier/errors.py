@@ -38,7 +38,7 @@ def run_cli(main: Callable[[], int | None], interrupted: str = "nothing was writ
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
-    except OSError as error:
+    except Exception as error:  # an OSError, or TensorFlow's and h5py's own errors that wrap one
         reason = _write_failure(error)
         if reason is None:
             raise

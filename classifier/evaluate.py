@@ -357,10 +357,10 @@ def evaluate(
         n_bins=n_bins,
     )
     images = _images(setup, data_dir, subset)
+    output_dir = _output_dir(setup, images, output_dir)  # before predicting: a bad path must not cost the predictions
     point, positive_index = _operating_point(setup, images.class_names, threshold_method, positive_class)
     predictions = _predict(setup, images)
     result, before = _metrics(setup, images, predictions, point, positive_index)
-    output_dir = _output_dir(setup, images, output_dir)
     _write_figures(setup, images, predictions, result, before, positive_index, output_dir)
     _write_predictions(output_dir / PREDICTIONS_FILE, predictions, images.class_names)
     return _write_report(setup, images, predictions, result, point, output_dir)
@@ -545,9 +545,7 @@ def _output_dir(setup: _Setup, images: _Images, output_dir: str | Path | None) -
             suffix = f"-{Path(images.root).name}" + ("" if images.subset == "all" else f"-{images.subset}")
         base = setup.settings_run if setup.settings_run is not None else Run(setup.model.resolve().parent)
         output_dir = base.evaluation_dir / f"{_model_name(setup.model, setup.predictor.kind)}{suffix}"
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+    return atomic.writable_folder(output_dir, "--output-dir")
 
 
 def _write_figures(

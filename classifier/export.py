@@ -312,6 +312,7 @@ def export_run(
     # The conversion scratch folder lives until the gate is done: a failing int8 is converted again from it.
     for leftover in export.out_dir.glob(".convert-*"):  # scratch of an export that was killed (this one holds the lock)
         shutil.rmtree(leftover, ignore_errors=True)
+    atomic.remove_leftovers(export.out_dir)  # and the files it was writing
     with tempfile.TemporaryDirectory(dir=export.out_dir, prefix=".convert-") as scratch:
         converted = _convert_formats(export, Path(scratch))
         parity = _check_parity(export, converted)
@@ -320,7 +321,7 @@ def export_run(
 
 def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _Export:
     """Checks the run folder before any slow work, loads the model and its input contract, creates the export folder."""
-    from classifier import data, tflite_metadata
+    from classifier import data, inference, tflite_metadata
 
     run = Run(run_dir)
     for required in (run.model_path, run.split_path):
@@ -331,10 +332,8 @@ def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _
             )
     if options.metadata and any(f in TFLITE_FORMATS for f in options.formats):
         tflite_metadata.load_schema()  # fail now, before minutes of conversion, if mediapipe is missing
-
-    import keras
-
-    model = keras.models.load_model(run.model_path, compile=False)
+    out_dir = atomic.writable_folder(out_dir if out_dir is not None else run.export_dir, "--out-dir")
+    model = inference.load_keras_classifier(run.model_path)
     image_size, num_classes = int(model.input_shape[1]), int(model.output_shape[-1])
     split = data.read_split(run.split_path)
     labels = _read_labels(run, split.class_names, num_classes)
@@ -346,8 +345,6 @@ def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _
             f"split '{run.split_path}' has no test or validation images, so the exported files cannot be checked "
             "against the Keras model: train with --set data.test_fraction=0.15 (the default) on more images"
         )
-    out_dir = Path(out_dir) if out_dir is not None else run.export_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     return _Export(
         run_dir=run_dir,
         run=run,

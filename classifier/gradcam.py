@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from classifier import atomic
 from classifier.errors import UserError
 from classifier.run import MODEL_FILE, Run
 
@@ -65,14 +66,7 @@ def refuse_unexplainable(model_path: str | os.PathLike) -> None:
 
 def prepare_output_dir(output: str | os.PathLike) -> Path:
     """Creates the folder heatmaps go to; a UserError when it is a file, lies below one, or cannot be written."""
-    output = Path(output)
-    for folder in [output, *output.parents]:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"heatmap folder '{output}': '{folder}' is a file, not a folder; choose another folder")
-    output.mkdir(parents=True, exist_ok=True)
-    if not os.access(output, os.W_OK):
-        raise UserError(f"heatmap folder '{output}' is not writable; choose another folder")
-    return output
+    return atomic.writable_folder(output, "heatmap folder")
 
 
 def _feature_map(model):

@@ -97,11 +97,40 @@ class Predictor:
         return f"Predictor(kind={self.kind!r}, path={self.path!r}, image_size={self.image_size})"
 
 
+def load_keras_classifier(path: str | os.PathLike):
+    """A `model.keras` that is an image classifier, loaded (Keras safe mode: no Lambda code runs).
+
+    Raises:
+        UserError: the file cannot be loaded (damaged, not a model, a Lambda layer), or it is not an image
+            classifier ([N, S, S, 3] pixels in, [N, C] probabilities out), naming the file.
+    """
+    import keras
+
+    path = Path(path)
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - zipfile, Keras and h5py each raise their own types; see load_predictor
+        raise UserError(_unreadable(path, error)) from None
+    _check_image_classifier(path, model.input_shape, model.output_shape)
+    return model
+
+
+def _check_image_classifier(path: Path, input_shape, output_shape) -> None:
+    """Refuses a model that does not take [N, S, S, 3] images and return [N, C]: predicting would fail deep inside
+    the runtime with a shape error."""
+    shapes = [list(shape) if isinstance(shape, (list, tuple)) else shape for shape in (input_shape, output_shape)]
+    image, out = shapes
+    is_image = isinstance(image, list) and len(image) == 4 and image[1] and image[1] == image[2] and image[3] == 3
+    if not is_image or not isinstance(out, list) or len(out) != 2 or not out[1]:
+        raise UserError(
+            f"'{path}' is not an image classifier: it takes {input_shape} and returns {output_shape}, not [N, S, S, 3] "
+            f"pixels and [N, classes] probabilities; pass {ACCEPTED}"
+        )
+
+
 class _KerasPredictor(Predictor):
     def __init__(self, path: Path):
-        import keras
-
-        self.model = keras.models.load_model(path, compile=False)
+        self.model = load_keras_classifier(path)
         size = self.model.input_shape[1]
         super().__init__("keras", str(path), size, np.float32, self.model.output_shape[-1], None)
 
@@ -150,6 +179,8 @@ class _TFLitePredictor(Predictor):
                 "takes one image and returns one probability vector"
             )
         self.input, self.output = input_details[0], output_details[0]
+        batchless = [None, *(int(n) for n in self.input["shape_signature"][1:])]
+        _check_image_classifier(path, batchless, [None, *(int(n) for n in self.output["shape"][1:])])
         # A dynamic batch (-1) can be resized to run whole batches; a fixed batch runs one image at a time.
         self.dynamic_batch = int(self.input["shape_signature"][0]) == -1
         self.batch = int(self.input["shape"][0])
@@ -367,6 +398,32 @@ def open_model(path: str | os.PathLike, threads: int | None = None):
         except RuntimeError:
             log.info(f"note: TensorFlow is already running; --threads {threads} does not apply to it", extra=STDERR)
     return load_predictor(path, num_threads=threads)
+
+
+# Files a command reads; a report written under one of these names overwrites an input (`--output` typed before one).
+_READ_SUFFIXES = frozenset({".keras", ".tflite", ".h5", ".pb"})
+
+
+def check_report_path(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Makes sure a command's report file can be written (creating its folder) before any work is done.
+
+    Raises:
+        UserError: the path is a folder, has the name of a model or image file (a slip that would overwrite an
+            input), or its folder cannot be created or written.
+    """
+    from classifier import atomic, dicom
+    from classifier.data import IMAGE_EXTENSIONS
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder: give a file name inside it, e.g. '{path / 'report.csv'}'")
+    if path.suffix.lower() in _READ_SUFFIXES | IMAGE_EXTENSIONS | dicom.EXTENSIONS:
+        raise UserError(
+            f"{flag} '{path}' has the name of a model or image file, which the report would overwrite: give a .csv "
+            "or .json name"
+        )
+    atomic.writable_folder(path.parent, flag, given=path)
+    return path
 
 
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:

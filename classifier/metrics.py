@@ -20,6 +20,11 @@ def macro_auc(y_true: np.ndarray, probabilities: np.ndarray) -> float | None:
         return None  # AUC is undefined for a class with no positive example.
     if num_classes == 2:
         return float(roc_auc_score(y_true, probabilities[:, 1]))
+    totals = probabilities.sum(axis=1, keepdims=True)
+    if not np.allclose(totals, 1):
+        # An int8 model's dequantized outputs sum to 1 only within their rounding (steps of 1/256), and
+        # scikit-learn's multi-class AUC refuses scores that do not sum to 1.
+        probabilities = probabilities / np.where(totals > 0, totals, 1)
     return float(roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=range(num_classes)))
 
 

@@ -221,6 +221,10 @@ def read_operating_point(path_or_dir: str | os.PathLike) -> dict | None:
     def convert(point: dict) -> None:
         point["threshold"] = float(point["threshold"])
         point["positive_index"] = int(point["positive_index"])
+        if not 0 <= point["threshold"] <= 1:  # also NaN: a probability threshold outside 0..1 decides nothing
+            raise ValueError(f"threshold {point['threshold']} is not a probability")
+        if point["positive_index"] not in (0, 1):
+            raise ValueError(f"positive_index {point['positive_index']} is not 0 or 1")
 
     fix = "delete it, or choose the threshold again with `classifier evaluate --run-dir RUN --choose-threshold youden`"
     return read_record(path, KEYS, convert, "operating point", fix)

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from classifier import atomic
 from classifier.errors import UserError, run_cli
 from classifier.inference import (
     Predictor,
     add_dicom_arguments,
+    check_report_path,
     class_labels,
     collect_inputs,
     input_settings,
@@ -307,20 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(output: Path) -> None:
-    """Makes sure `--output` can be written (creating its folder), or says why not, before any work is done."""
-    if output.is_dir():
-        raise UserError(
-            f"--output '{output}' is a folder: give a file name inside it, e.g. '{output / 'predictions.csv'}'"
-        )
-    for parent in [output.parent, *output.parent.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"--output '{output}': '{parent}' is a file, not a folder; choose another path")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(output.parent, os.W_OK):
-        raise UserError(f"--output '{output}': the folder '{output.parent}' is not writable; choose another path")
-
-
 def main(argv: list[str] | None = None) -> int:
     """`classifier predict`: exit 0 when at least one image was classified, 1 when none could be read."""
     args = build_parser().parse_args(argv)
@@ -328,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         fmt = args.format or ("json" if args.output and args.output.lower().endswith(".json") else "csv")
         if args.output:
-            _check_output(Path(args.output))  # before the predictions, which a bad path would otherwise lose
+            check_report_path(args.output)  # before the predictions, which a bad path would otherwise lose
         result = predict(
             args.model,
             args.inputs,
@@ -350,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             text = to_csv(result["predictions"], result["top_k"], result["decision"])
         if args.output:
-            output = Path(args.output)
-            temporary = output.with_name(f".{output.name}.partial")
-            temporary.write_text(text)
-            os.replace(temporary, output)
+            atomic.write_text(args.output, text)  # a temporary name of its own: two runs into one file do not collide
             done = result["count"] - result["errors"]
             log.info(f"wrote {done} prediction(s) and {result['errors']} error(s) to {args.output}", extra=STDERR)
         else:

@@ -164,8 +164,20 @@ class Run:
         return self.metrics_path.exists()
 
     def read_labels(self) -> list[str] | None:
-        """The class names of labels.txt, one a line in output order (blank lines skipped); None without the file."""
-        return parse_labels(self.labels_path.read_text(encoding="utf-8")) if self.labels_path.is_file() else None
+        """The class names of labels.txt, one a line in output order (blank lines skipped); None without the file.
+
+        Raises:
+            UserError: the file is not UTF-8 text, naming it.
+        """
+        if not self.labels_path.is_file():
+            return None
+        try:
+            return parse_labels(self.labels_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(
+                f"'{self.labels_path}' is not UTF-8 text ({error.reason} at byte {error.start}): restore the run's "
+                f"own {LABELS_FILE} (one class name a line)."
+            ) from None
 
     def write_labels(self, names: list[str]) -> Path:
         """Writes labels.txt (one class name a line), atomically; returns its path."""
@@ -201,14 +213,25 @@ class Run:
         return load_yaml(self.config_path) if self.config_path.is_file() else None
 
     def setting(self, section: str, key: str) -> Any:
-        """One value of config.yaml, or None when there is no config.yaml or no such value (as written: not checked
-        against this version's settings, so a run of an older or newer version still reads).
+        """One value of config.yaml, or None when there is no config.yaml or no such value. A setting this version
+        knows is checked (`config.checked_setting`); others are returned as written, so a run of an older or newer
+        version still reads.
 
         Raises:
-            UserError: see `read_settings`.
+            UserError: see `read_settings`; or the value is not valid, naming the file.
         """
+        from classifier.config import checked_setting
+
         section_values = (self.read_settings() or {}).get(section)
-        return section_values.get(key) if isinstance(section_values, dict) else None
+        value = section_values.get(key) if isinstance(section_values, dict) else None
+        if value is None:
+            return None
+        try:
+            return checked_setting(section, key, value)
+        except UserError as error:
+            raise UserError(
+                f"'{self.config_path}': {error} Restore the run's own {CONFIG_FILE}, or train again."
+            ) from None
 
     def read_config(self) -> Config:
         """The run's saved settings as a checked `Config` (defaults of settings added since it was written filled in).

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from classifier.errors import UserError
+from classifier.run import MODEL_FILE
 
 try:
     import fcntl
@@ -54,13 +55,19 @@ def hold(run_dir: str | os.PathLike, what: str) -> Iterator[None]:
         handle.close()  # closing the file releases the lock
 
 
+def ensure_free(run_dir: str | os.PathLike, what: str) -> None:
+    """Raises `hold`'s UserError when a live process holds the run folder (before moving it aside, say)."""
+    with hold(run_dir, what):
+        pass
+
+
 def holding(what: str):
     """Decorator: the function's first argument is a run folder, held for the duration of the call."""
 
     def decorate(function):
         @functools.wraps(function)
         def wrapper(run_dir, *args, **kwargs):
-            if not Path(run_dir).is_dir():  # not a run folder: the function says so, and nothing is created
+            if not (Path(run_dir) / MODEL_FILE).is_file():  # not a run folder: the function says so, nothing is created
                 return function(run_dir, *args, **kwargs)
             with hold(run_dir, what):
                 return function(run_dir, *args, **kwargs)

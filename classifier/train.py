@@ -256,10 +256,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
     Raises:
         UserError: the named run exists and is finished, or was started with other settings.
     """
-    output_dir = Path(config.run.output_dir)
-    for folder in [output_dir, *output_dir.parents]:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--output-dir '{output_dir}': '{folder}' is a file, not a folder; choose another path.")
+    output_dir = atomic.writable_folder(config.run.output_dir, "--output-dir")
     settings = config.to_dict()
     if config.run.name is None and not overwrite:
         previous = _latest_unfinished(output_dir, matching=settings)
@@ -276,7 +273,12 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
         )
     if overwrite:
         # Moved aside, not deleted: `train` deletes it once the new run is set up, or puts it back if not.
-        os.replace(run_dir, run_dir.with_name(f".{run_dir.name}.replaced"))
+        runlock.ensure_free(run_dir, "training")  # never move a run folder away from the process working in it
+        replaced = run_dir.with_name(f".{run_dir.name}.replaced")
+        if replaced.exists():  # an --overwrite killed during setup: run_dir is its half-made run, the old one is aside
+            shutil.rmtree(run_dir)
+        else:
+            os.replace(run_dir, replaced)
         return run_dir, False
     if run.is_finished():
         raise UserError(
@@ -680,10 +682,22 @@ def _run_finetuning(model: keras.Model, plan: _Plan, ctx: _Context) -> float | N
 
 
 def _resolve_plan(ctx: _Context) -> _Plan:
-    """The plan of this run: the one saved by an earlier attempt of it, else the settings' epochs and views."""
-    saved = ctx.run.read_plan()
-    if saved is not None:
-        return _Plan(**saved)
+    """The plan of this run: the one saved by an earlier attempt of it, else the settings' epochs and views.
+
+    A damaged plan.json (a disk error, an edit) is reported and phase 1 runs again (seconds, on cached features),
+    which makes the plan anew; phase 2 then continues from its backup as usual.
+    """
+    try:
+        saved = ctx.run.read_plan()
+        if saved is not None:
+            plan = _Plan(**saved)
+            if all(isinstance(value, int) or value is None for value in dataclasses.astuple(plan)):
+                return plan
+            raise TypeError(f"values {saved}")
+    except (ValueError, TypeError) as error:
+        log.warning(f"note: {ctx.run.plan_path} is damaged ({type(error).__name__}: {error}); phase 1 runs again.")
+        ctx.run.plan_path.unlink()
+        ctx.run.phase_marker(1).unlink(missing_ok=True)
     train_config = ctx.config.train
     return _Plan(train_config.feature_views, train_config.head_epochs, train_config.finetune_epochs)
 
@@ -744,6 +758,24 @@ def _naming_unreadable_images(split: data.Split, config: Config) -> Iterator[Non
         ) from None
 
 
+def _set_aside_damaged_history(run: Run) -> None:
+    """Moves a history.csv that cannot be read (not UTF-8 CSV with an epoch column) to history.damaged.csv, so that
+    Keras' CSVLogger starts a new one instead of failing on it; the checkpoints do not depend on it."""
+    path = run.history_path
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        if not rows or "epoch" in rows[0]:
+            return
+    except FileNotFoundError:
+        return
+    except (UnicodeDecodeError, csv.Error):
+        pass
+    aside = path.with_name("history.damaged.csv")
+    os.replace(path, aside)
+    log.warning(f"note: {path} cannot be read; it was moved to {aside.name}; the epochs from now on are logged anew.")
+
+
 def _trim_history(path: Path, before_epoch: int) -> None:
     """Keeps the rows of history.csv for epochs before `before_epoch` (0-based)."""
     if not path.exists():
@@ -753,7 +785,10 @@ def _trim_history(path: Path, before_epoch: int) -> None:
     if not rows:
         return
     column = rows[0].index("epoch")
-    kept = [rows[0], *(row for row in rows[1:] if row and int(row[column]) < before_epoch)]
+    kept = [
+        rows[0],
+        *(row for row in rows[1:] if len(row) > column and row[column].isdigit() and int(row[column]) < before_epoch),
+    ]
     if len(kept) < len(rows):
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(kept)
@@ -873,6 +908,7 @@ def _train(
     resumed = run_dir is not None
     if not resumed:
         data_dir = demo_data.resolve_data_dir(config.data.data_dir, config.data.dataset)
+        _refuse_output_inside(Path(config.run.output_dir), Path(data_dir))
         spec = backbones.get_backbone_spec(config.model.backbone)
         resolved = {"data": {"data_dir": str(Path(data_dir).resolve()), "dataset": None}}
         if config.data.image_size is None:
@@ -885,6 +921,17 @@ def _train(
             return _train_in(config, role, run_dir, resumed, extra_callbacks, started)
         finally:
             callbacks.close_summary_writers(Run(run_dir).logs)  # flushed, also when training stops with an error
+
+
+def _refuse_output_inside(output_dir: Path, data_dir: Path) -> None:
+    """Run folders inside the data folder would be scanned as a class of images: the next run would fail on them."""
+    output, data_root = output_dir.resolve(), data_dir.resolve()
+    if output == data_root or data_root in output.parents:
+        raise UserError(
+            f"--output-dir '{output_dir}' is inside the data folder '{data_dir}', where its run folders would be read "
+            "as a class of images: choose an output folder outside it (the default is saved_models/ in the current "
+            "folder)."
+        )
 
 
 def _train_in(
@@ -939,6 +986,7 @@ def _prepare_folder(run: Run, config: Config) -> data.Split:
     run.checkpoints.mkdir(exist_ok=True)
     for folder in (run.root, run.checkpoints, run.checkpoints / checkpoints_lib.BACKUP_FOLDER):
         atomic.remove_leftovers(folder)  # what writers killed mid-write left; their previous files are intact
+    _set_aside_damaged_history(run)
     split = data.prepare_split(
         config.data.data_dir,
         run.root,
@@ -1010,7 +1058,10 @@ def _finish(model: keras.Model, ctx: _Context, throughput: dict, started: float,
     metrics = _final_metrics(model, ctx, logits, record, best["epoch"] if best else None)
     with finishing.step("plots"):
         callbacks.write_hparams(run.logs, _flat_hparams(ctx.config))
-        plots.plot_training_curves(run.root)
+        try:
+            plots.plot_training_curves(run.root)
+        except UserError as error:  # no epoch in history.csv (set aside as damaged): the model is not affected
+            log.warning(f"note: no training curves: {error}")
     metrics.update(best=best, throughput=throughput, train_seconds=round(time.perf_counter() - started, 1))
     metrics["resumed"] = resumed
     metrics["finishing_seconds"] = finishing.seconds

@@ -139,3 +139,18 @@ def test_a_contract_newer_than_this_version_is_refused_with_the_fix(tmp_path):
     (tmp_path / "input_contract.json").write_text(json.dumps({"schema": contract.SCHEMA + 1}))
     with pytest.raises(UserError, match="newer than this version reads.*--resize-mode"):
         contract.of_model(path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"size"])
+def test_a_contract_that_is_not_text_or_has_no_size_is_refused(tmp_path, content):
+    """Found by bench/hostile_sweep.py: bytes that are not UTF-8 ended in UnicodeDecodeError; image_size -5 was read."""
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"not read")
+    if content == b"size":
+        record = json.loads(contract.InputContract(32, "crop", "auto", "first", ("ok", "defect")).to_json())
+        record["image_size"] = -5
+        content = json.dumps(record).encode()
+    (tmp_path / "input_contract.json").write_bytes(content)
+    with pytest.raises(UserError, match="input contract") as caught:
+        contract.of_model(path)
+    assert str(tmp_path / "input_contract.json") in str(caught.value)

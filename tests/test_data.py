@@ -289,6 +289,8 @@ def test_user_mistakes_get_messages_that_name_the_fix(tmp_path):
     message = error_of(lambda: demo_data.resolve_data_dir(None, "beans"))
     assert "tfds:NAME" in message and "--data-dir" in message
     assert "does not exist" in error_of(lambda: demo_data.resolve_data_dir(str(tmp_path / "nope"), None))
+    image = tmp_path / "small" / "a" / "000.png"  # said to "not exist" (bench/hostile_sweep.py)
+    assert "is a file, not a folder" in error_of(lambda: demo_data.resolve_data_dir(str(image), None))
 
 
 def test_elpv_is_materialised_as_defective_and_functional_folders(tmp_path):
@@ -425,6 +427,17 @@ def test_a_split_file_naming_paths_outside_the_data_folder_is_refused(separable_
         (tmp_path / "split.json").write_text(json.dumps(manifest))
         with pytest.raises(UserError, match="outside the data folder"):
             data.read_split(tmp_path / "split.json")
+
+
+@pytest.mark.parametrize("entry", [["circle_red/000.jpg", 7], ["circle_red/000.jpg", -1], [None, 0], ["x.png", True]])
+def test_a_split_file_entry_that_is_not_a_path_and_a_class_is_refused(separable_folder, tmp_path, entry):
+    """Found by bench/hostile_sweep.py: label 7 or -1 ended evaluate in scikit-learn's ValueError (or, as -1, read
+    the last class), a null path was read as a file named 'None'."""
+    manifest = data.split_scan(data.scan_folder(separable_folder)).to_json()
+    manifest["test"][0] = entry
+    (tmp_path / "split.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not a valid split manifest"):
+        data.read_split(tmp_path / "split.json")
 
 
 def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path):

@@ -181,6 +181,28 @@ def test_user_mistakes_are_named(tmp_path, capsys):
     assert "--threads 0" in capsys.readouterr().err
 
 
+def test_a_model_that_cannot_be_loaded_is_named_and_a_data_folder_gets_no_lock(tmp_path, capsys):
+    """Found by bench/hostile_sweep.py: a Lambda layer or a text file as model.keras ended export in Keras'
+    traceback (evaluate and predict named them); `--run-dir` a data folder left `.lock` in it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "split.json").write_text("{}")  # read after the model: only needs to be there
+    lambda_model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Lambda(lambda x: x * 2)])
+    lambda_model.add(keras.layers.GlobalAveragePooling2D())
+    lambda_model.save(run_dir / "model.keras")
+    argv = ["--run-dir", str(run_dir), "--formats", "float32", "--no-metadata"]
+    assert main(argv) == 2
+    assert "contains a Lambda layer" in capsys.readouterr().err
+    (run_dir / "model.keras").write_text("not a model")
+    assert main(argv) == 2
+    assert "damaged or is not a model" in capsys.readouterr().err
+    images = tmp_path / "images" / "cats"
+    images.mkdir(parents=True)
+    assert main(["--run-dir", str(images.parent)]) == 2
+    assert "model.keras' does not exist" in capsys.readouterr().err
+    assert not (images.parent / ".lock").exists()
+
+
 def test_an_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "model_int8.tflite"
     target.write_bytes(b"previous export")
@@ -289,8 +311,10 @@ def test_a_run_folder_in_use_is_refused_and_a_killed_exports_scratch_is_removed(
     stale = out / ".convert-killed"  # what an export killed mid-conversion leaves
     stale.mkdir(parents=True)
     (stale / "model.tflite").write_bytes(bytes(1000))
+    half = out / ".partial-999999-labels.txt"  # and a file it was writing (bench/hostile_sweep.py)
+    half.write_text("hal")
     assert main(command) == 0
-    assert not stale.exists()
+    assert not stale.exists() and not half.exists()
 
 
 def test_a_lock_whose_holder_was_killed_is_free(tmp_path):

@@ -107,3 +107,17 @@ def test_files_that_are_not_models_or_not_safe_get_one_line_that_names_them(tmp_
         assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(UserError, match="Lambda layer"):
         load_predictor(tmp_path / "lambda.keras")
+
+
+def test_a_model_that_is_not_an_image_classifier_is_refused_with_its_shapes(tmp_path):
+    """Found by bench/hostile_sweep.py: predict, evaluate, benchmark and export ended in Keras' or LiteRT's shape
+    errors deep inside the first prediction."""
+    import tensorflow as tf
+
+    dense = keras.Sequential([keras.Input((10,)), keras.layers.Dense(3, activation="softmax")])
+    dense.save(tmp_path / "dense.keras")
+    (tmp_path / "dense.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dense).convert())
+    for name in ("dense.keras", "dense.tflite"):
+        with pytest.raises(UserError, match="is not an image classifier: it takes .*10") as caught:
+            load_predictor(tmp_path / name)
+        assert str(tmp_path / name) in str(caught.value)

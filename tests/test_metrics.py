@@ -13,7 +13,12 @@ from sklearn.metrics import (
 
 from classifier import operating_point, plots
 from classifier.errors import UserError
-from classifier.metrics import binary_metrics, evaluation_metrics, expected_calibration_error
+from classifier.metrics import (
+    binary_metrics,
+    classification_metrics,
+    evaluation_metrics,
+    expected_calibration_error,
+)
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -71,6 +76,18 @@ def test_metrics_of_a_small_case_worked_out_by_hand():
     assert result["roc_auc"]["average"] == pytest.approx(np.mean(aucs))  # one-vs-rest, macro
     assert result["binary"] is None
     json.dumps(result)  # plain Python types only
+
+
+def test_int8_probabilities_that_do_not_sum_to_1_still_get_their_auc():
+    # An int8 model's dequantized outputs come in steps of 1/256 and sum to 1 only within that rounding;
+    # `classifier evaluate` on such a three-class .tflite ended in scikit-learn's ValueError (bench/hostile_sweep.py).
+    y_true, probabilities = hand_made_predictions()
+    quantized = np.floor(probabilities * 256) / 256
+    assert not np.allclose(quantized.sum(axis=1), 1)
+    result = classification_metrics(y_true, quantized, CLASSES)
+    rows = quantized / quantized.sum(axis=1, keepdims=True)  # what the scores mean: probabilities summing to 1
+    aucs = [pairwise_auc(rows[y_true == k, k], rows[y_true != k, k]) for k in range(3)]
+    assert result["auc"] == pytest.approx(np.mean(aucs))
 
 
 def test_expected_calibration_error_by_hand():
@@ -154,6 +171,21 @@ def test_operating_point_errors_name_the_fix():
         operating_point.resolve_positive_class(CLASSES)
     with pytest.raises(UserError, match="cat, dog"):
         operating_point.resolve_positive_class(["cat", "dog"], "bird")
+
+
+@pytest.mark.parametrize("change", [{"threshold": 5}, {"threshold": float("nan")}, {"positive_index": 2}])
+def test_an_operating_point_outside_its_range_is_refused_naming_the_file(tmp_path, change):
+    """Found by bench/hostile_sweep.py: a threshold of 5 (or NaN) in operating_point.json was used, calling every
+    image negative."""
+    y_true, scores = overlapping_scores(seed=3)
+    point = operating_point.operating_point_for(y_true, np.stack([1 - scores, scores], axis=1), ["ok", "defect"])
+    path = operating_point.write_operating_point(tmp_path, point)
+    record = json.loads(path.read_text())
+    record.update(change)
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="is not a valid operating point") as caught:
+        operating_point.read_operating_point(tmp_path)
+    assert str(path) in str(caught.value)
 
 
 def test_operating_point_file_round_trip(tmp_path):

@@ -187,6 +187,35 @@ def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
 
 
+def test_a_damaged_plan_and_history_are_reported_and_the_run_still_finishes(interrupted, tmp_path):
+    """Found by bench/hostile_sweep.py: plan.json that is not JSON and history.csv that is not text ended the resumed
+    run in JSONDecodeError and UnicodeDecodeError, every time."""
+    argv, run_dir = copy_of(interrupted, tmp_path)
+    (run_dir / "checkpoints" / "plan.json").write_text("{ nope")
+    (run_dir / "history.csv").write_bytes(bytes(range(256)))
+    result = run(argv)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "plan.json is damaged" in result.stdout and "phase 1 runs again" in result.stdout
+    assert "history.csv cannot be read" in result.stdout and (run_dir / "history.damaged.csv").is_file()
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "training_curves.png").is_file()
+    assert history_epochs(run_dir)[:2] == [0, 1]  # phase 1 again, then the rest of phase 2 from its backup
+
+
+def test_a_write_error_that_tensorflow_wraps_gets_the_one_line_message(capsys):
+    """Found by bench/hostile_sweep.py: export under a file-size limit ended in TensorFlow's OutOfRangeError (an
+    OSError would have been named)."""
+    import tensorflow as tf
+
+    from classifier.errors import run_cli
+
+    def save():
+        raise tf.errors.OutOfRangeError(None, None, "saved_model/variables/part-00000 ... ; File too large [Op:SaveV2]")
+
+    assert run_cli(save) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a file-size limit was reached") and "Traceback" not in err
+
+
 # Settings and untrusted files: refused before any work, in one line, never a traceback.
 
 
@@ -255,3 +284,72 @@ def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, 
     assert "Traceback" not in result.stderr
     assert train_image in result.stderr and "can no longer be read" in result.stderr
     assert (run_dir / "checkpoints" / "phase2_backup" / "state.json").is_file()  # nothing of the run was lost
+
+
+# Output paths: refused before any work, naming the path, never a traceback (bench/hostile_sweep.py found the
+# tracebacks of export, evaluate, benchmark and of a folder that cannot be created).
+
+BAD_OUTPUTS = {
+    "a file": lambda tmp: tmp / "notes.txt",
+    "below a file": lambda tmp: tmp / "notes.txt" / "sub",
+    "not creatable": lambda tmp: Path("/proc/classifier-test"),  # even root cannot make a folder in /proc
+}
+
+
+def _argv(command: str, tmp: Path, out: Path) -> list[str]:
+    """`command`'s arguments with everything right except its output, which is `out` (a folder, or a file in it)."""
+    from test_predict import colour_model, write_image
+
+    if command == "train":
+        images = write_separable_folder(tmp / "images", per_class=4, size=32)
+        return ["--data-dir", str(images), "--output-dir", str(out), *TINY]
+    if command == "export":
+        run_dir = tmp / "run"  # checked before the model is loaded: the files only need to be there
+        run_dir.mkdir()
+        (run_dir / "model.keras").write_bytes(b"")
+        (run_dir / "split.json").write_text("{}")
+        return ["--run-dir", str(run_dir), "--out-dir", str(out)]
+    model = colour_model(tmp / "model", ["red", "green", "blue"])
+    image = write_image(tmp / "images" / "red" / "r.png", (220, 30, 30))
+    if command == "evaluate":
+        write_image(tmp / "images" / "red" / "r2.png", (220, 30, 30))  # two images a class, as a scan wants
+        for name, colour in (("green", (30, 200, 40)), ("blue", (30, 40, 220))):
+            for index in range(2):
+                write_image(tmp / "images" / name / f"{name}{index}.png", colour)
+        return ["--model", str(model), "--data-dir", str(tmp / "images"), "--output-dir", str(out)]
+    if command == "explain":
+        return ["--model", str(model), "--output", str(out), str(image)]
+    if command == "predict":
+        return ["--model", str(model), str(image), "--output", str(out / "predictions.csv")]
+    return ["--model", str(model), "--runs", "1", "--output", str(out / "benchmark.json")]
+
+
+@pytest.mark.parametrize("where", list(BAD_OUTPUTS))
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "explain", "predict", "benchmark"])
+def test_an_output_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, capsys, command, where):
+    import importlib
+
+    if where == "not creatable" and not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "notes.txt").write_text("a plain file\n")
+    out = BAD_OUTPUTS[where](tmp_path)
+    main = importlib.import_module(f"classifier.{command}").main
+    assert main(_argv(command, tmp_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert ("is a file, not a folder" if where != "not creatable" else "cannot be created") in err
+    assert str(tmp_path / "notes.txt") in err or str(out) in err
+
+
+@pytest.mark.parametrize("command", ["predict", "benchmark"])
+def test_a_report_named_like_a_model_or_an_image_is_refused_and_the_file_kept(tmp_path, capsys, command):
+    """`--output` typed in front of an input: predict overwrote the image with its CSV, benchmark the model."""
+    import importlib
+
+    argv = _argv(command, tmp_path, tmp_path)
+    target = tmp_path / "images" / "red" / "r.png" if command == "predict" else tmp_path / "model" / "model.keras"
+    argv[argv.index("--output") + 1] = str(target)
+    before = target.read_bytes()
+    assert importlib.import_module(f"classifier.{command}").main(argv) == 2
+    assert "name of a model or image file" in capsys.readouterr().err
+    assert target.read_bytes() == before

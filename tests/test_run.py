@@ -131,3 +131,29 @@ def test_a_damaged_config_yaml_is_named(tmp_path):
         with pytest.raises(UserError, match=re.escape(expected)) as caught:
             read()
         assert "fix the line it names" in str(caught.value)
+
+
+def test_a_known_setting_that_is_not_valid_is_refused_naming_the_file(tmp_path):
+    """Found by bench/hostile_sweep.py: `image_size: abc` ended evaluate in int()'s ValueError, an alias bomb as
+    `dicom_window` hung predict (its text is billions of characters), `resize_mode: bogus` failed image by image."""
+    run = Run(tmp_path)
+    bomb = "data:\n  dicom_window: [&a [x, x, x], [*a, *a, *a], [*a, *a]]\n"  # small, but a list where one value goes
+    cases = [
+        ("data:\n  image_size: abc\n", "image_size", "'abc', which is not a valid value (int or null)"),
+        ("data:\n  resize_mode: bogus\n", "resize_mode", "choose one of stretch, crop"),
+        (bomb, "dicom_window", "got a list"),
+    ]
+    for text, key, words in cases:
+        (tmp_path / "config.yaml").write_text(text)
+        with pytest.raises(UserError) as caught:
+            run.setting("data", key)
+        assert str(tmp_path / "config.yaml") in str(caught.value) and words in str(caught.value)
+    (tmp_path / "config.yaml").write_bytes(b"data:\n  seed: \xff\xfe\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        run.setting("data", "seed")
+
+
+def test_labels_that_are_not_utf8_text_are_named(tmp_path):
+    (tmp_path / "labels.txt").write_bytes(b"\xff\xfe\x00a\nb\n")
+    with pytest.raises(UserError, match=re.escape(f"'{tmp_path / 'labels.txt'}' is not UTF-8 text")):
+        Run(tmp_path).read_labels()

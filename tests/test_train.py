@@ -204,6 +204,20 @@ def test_config_precedence_yaml_then_set_then_flags(tmp_path):
         ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, ["val_fraction", "0.6"]),
         ({"train": {"head_epochs": "many"}}, ["head_epochs", "many"]),
         ({"train": {"monitor": "val_accurcy"}}, ["val_accurcy", "val_accuracy"]),
+        # Found by bench/hostile_sweep.py: a traceback (NumPy refuses the seed, NaN reaches Keras' layers) ...
+        ({"data": {"seed": -1}}, ["data.seed", "from 0 to 4294967295"]),
+        ({"train": {"weight_decay": float("nan")}}, ["train.weight_decay", "nan"]),
+        ({"augment": {"zoom": 2}}, ["augment.zoom", "from 0 to 1"]),
+        ({"augment": {"contrast": -1}}, ["augment.contrast", "from 0 to 1"]),
+        # ... or trained with a value that means nothing
+        ({"data": {"cache_budget_mb": -1}}, ["data.cache_budget_mb", "0 or more"]),
+        ({"train": {"label_smoothing": 1.5}}, ["train.label_smoothing", "1 (excluded)"]),
+        ({"train": {"early_stopping_patience": -1}}, ["train.early_stopping_patience"]),
+        ({"augment": {"rotation": -1}}, ["augment.rotation", "from 0 to 0.5"]),
+        ({"run": {"name": "."}}, ["run.name", "'.'"]),
+        ({"run": {"name": "../escape"}}, ["run.name", "without '/'"]),
+        ({"run": {"name": ""}}, ["run.name"]),
+        ({"run": {"output_dir": [1, 2]}}, ["run.output_dir", "a list"]),
     ],
 )
 def test_bad_settings_name_the_setting_and_the_fix(overrides, words):
@@ -361,6 +375,30 @@ def test_a_run_whose_images_do_not_fit_in_memory_trains_from_the_disk_cache(tmp_
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"] is not None
 
 
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("train: [1, 2]\n", ["'train'", "not a mapping"]),
+        (b"data:\n  seed: \xff\xfe\n", ["not UTF-8"]),
+        # An alias bomb (kept small here: 9^5 strings once written out; the sweep's has 9^9, which took 23 GB of
+        # memory): a list where one value goes is refused without writing it out.
+        (
+            "data:\n  dicom_window: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], "
+            + ", ".join(f"&a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 5))
+            + "]\n",
+            ["data.dicom_window", "a list"],
+        ),
+    ],
+)
+def test_a_config_file_that_is_not_settings_is_refused_in_one_line(tmp_path, capsys, content, words):
+    settings = tmp_path / "settings.yaml"
+    settings.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "runs"), "--config", str(settings)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(word in err for word in words), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     images = write_separable_folder(tmp_path / "images", per_class=4)
     blocker = tmp_path / "runs"
@@ -369,6 +407,49 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_an_output_dir_inside_the_data_folder_is_refused(tmp_path, capsys):
+    """Found by bench/hostile_sweep.py: the run folder was then scanned as a class "with 0 usable images", and the
+    message told the user to add images to the tool's own folder."""
+    images = write_separable_folder(tmp_path / "images", per_class=4)
+    assert main(["--data-dir", str(images), "--output-dir", str(images / "runs"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "is inside the data folder" in err and not (images / "runs").exists()
+
+
+def _unfinished_run(folder: Path) -> Path:
+    """A folder laid out like an interrupted run of `make_config(...)` (settings only)."""
+    from classifier.run import Run
+
+    folder.mkdir(parents=True)
+    Run(folder).write_config(make_config(folder, folder.parent))
+    return folder
+
+
+def test_overwrite_after_a_killed_overwrite_removes_the_half_made_run_and_keeps_the_old_one_aside(tmp_path):
+    """Found by bench/hostile_sweep.py: `.run.replaced` (the old run, moved aside by an --overwrite killed during
+    setup) made the next --overwrite fail with OSError "Directory not empty"."""
+    from classifier.train import choose_run_dir
+
+    half_made = _unfinished_run(tmp_path / "runs" / "run")
+    old = _unfinished_run(tmp_path / "runs" / ".run.replaced")
+    config = make_config(tmp_path / "images", tmp_path / "runs", "--name", "run")
+    assert choose_run_dir(config, overwrite=True) == (half_made, False)
+    assert not half_made.exists() and (old / "config.yaml").is_file()
+
+
+def test_overwrite_of_a_run_that_is_training_is_refused(tmp_path):
+    """Found by bench/hostile_sweep.py (once the check was strict): --overwrite moved the folder away from under the
+    training that held it, and both trained into one folder."""
+    from classifier import runlock
+    from classifier.train import choose_run_dir
+
+    busy = _unfinished_run(tmp_path / "runs" / "run")
+    config = make_config(tmp_path / "images", tmp_path / "runs", "--name", "run")
+    with runlock.hold(busy, "training"), pytest.raises(UserError, match="is in use by training"):
+        choose_run_dir(config, overwrite=True)
+    assert (busy / "config.yaml").is_file() and not (tmp_path / "runs" / ".run.replaced").exists()
 
 
 def test_the_logged_learning_rate_is_the_epochs_mean_not_its_last_step():
