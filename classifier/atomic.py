@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def writable_folder(path: str | os.PathLike, flag: str, given: str | os.PathLike
         raise UserError(
             f"{named}: '{path}' cannot be created ({error.strerror}); choose a folder you can write to."
         ) from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{named}: '{path}' is not writable; choose a folder you can write to.")
+    # A file created and removed there, not `os.access`: root passes `os.access` everywhere, and a read-only or
+    # pseudo file system (/proc) refuses only the write itself (found by bench/hostile_sweep.py: predict and
+    # benchmark --output /proc/... failed after all their work).
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{named}: '{path}' is not writable ({error.strerror}); choose a folder you can write to."
+        ) from None
     return path

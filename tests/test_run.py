@@ -157,3 +157,14 @@ def test_labels_that_are_not_utf8_text_are_named(tmp_path):
     (tmp_path / "labels.txt").write_bytes(b"\xff\xfe\x00a\nb\n")
     with pytest.raises(UserError, match=re.escape(f"'{tmp_path / 'labels.txt'}' is not UTF-8 text")):
         Run(tmp_path).read_labels()
+
+
+def test_an_output_folder_that_refuses_writes_is_named_before_any_work(tmp_path):
+    """/proc accepts `os.access(W_OK)` for root but no new file: the check writes one, so root is refused too."""
+    from classifier import atomic
+    from classifier.errors import UserError
+
+    with pytest.raises(UserError, match="'/proc' is not writable"):
+        atomic.writable_folder("/proc", "--output", given="/proc/predictions.json")
+    assert atomic.writable_folder(tmp_path / "new" / "folder", "--output").is_dir()
+    assert list((tmp_path / "new" / "folder").iterdir()) == []  # the probe file is gone
