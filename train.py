@@ -2,11 +2,7 @@
 
 import sys
 
-from classifier.quiet import import_tensorflow_quietly
-
-import_tensorflow_quietly()  # before anything imports TensorFlow: its GPU-probe noise is held back
-
-from classifier.train import main  # noqa: E402
+from classifier.cli import main  # imports TensorFlow quietly, then the command (a Ctrl-C meanwhile is a message)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from classifier.quiet import import_tensorflow_quietly
 
-    import_tensorflow_quietly()  # before the command's module imports TensorFlow
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        import_tensorflow_quietly()  # before the command's module imports TensorFlow
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+    except KeyboardInterrupt:  # Ctrl-C in the seconds TensorFlow takes to load: the command has not started
+        print("interrupted: nothing was done.", file=sys.stderr)
+        return 130
     return module.main(argv[1:])

@@ -272,6 +272,21 @@ def test_ctrl_c_in_predict_does_not_talk_about_epochs(tmp_path, capsys, monkeypa
     assert "interrupted" in err and "epoch" not in err
 
 
+def test_ctrl_c_while_tensorflow_loads_is_a_message(monkeypatch, capsys):
+    """Found by bench/hostile_sweep.py: a Ctrl-C in the seconds before the command starts showed the traceback of
+    an import."""
+    import importlib
+
+    from classifier import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert cli.main(["predict", "--model", "m.keras", "x.png"]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing was done.\n"
+
+
 def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, tmp_path):
     images, _, _, _ = interrupted
     _, run_dir = copy_of(interrupted, tmp_path)
