@@ -773,6 +773,7 @@ def _set_aside_damaged_history(run: Run) -> None:
         pass
     aside = path.with_name("history.damaged.csv")
     os.replace(path, aside)
+    atomic.write_text(path, "")  # CSVLogger writes the header into an empty file
     log.warning(f"note: {path} cannot be read; it was moved to {aside.name}; the epochs from now on are logged anew.")
 
 
