@@ -23,7 +23,8 @@ the base run, and is classified:
 `expect` is what a careful program does: `ok` or `message`. A case that ends in `message` although `ok` was
 expected is listed as a refusal. The settings cases are generated from the config dataclasses (every key of every
 section: a wrong type, out-of-range numbers, unknown choices), so a new setting is covered without editing this
-file. Cases run two at a time; the kill and concurrency cases, whose timing matters, run alone at the end.
+file. Cases run two at a time; the kill and concurrency cases, which start processes of their own, one at a time
+beside a light case.
 
 Results: a table and the tally on stdout, every case in bench/results/hostile_sweep.json.
 """
@@ -52,7 +53,6 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import get_type_hints
 
@@ -290,7 +290,8 @@ class Case:
             without the fault.
         driver: Runs the case itself instead of `argv` (kills, concurrency) and returns the result to classify.
         heavy: Trains or exports: a longer timeout.
-        exclusive: Timing matters: run alone, after the others.
+        exclusive: Starts processes of its own: one such case at a time.
+        overwrites: Replaces the copied run on purpose (--overwrite): its files going is no loss when it succeeds.
         note: A behaviour chosen and documented rather than changed.
     """
 
@@ -305,6 +306,7 @@ class Case:
     driver: Callable[[Context], Result] | None = None
     heavy: bool = False
     exclusive: bool = False
+    overwrites: bool = False
     note: str = ""
 
 
@@ -467,9 +469,9 @@ def _settings_base(skip: str) -> list[str]:
     return argv
 
 
-# Bad values beyond the generated ones (a wrong type for every key, -1 for every number, NaN for every float, an
-# unknown word for every key with choices): the ranges and forms a type cannot express. Values the `train` flag
-# cases try (--image-size 0, --name ../escape, --data-dir a file, ...) are not repeated here.
+# Bad values beyond the generated ones (-1 for every int, NaN for every float, an unknown word for every key with
+# choices, a wrong type where nothing else applies): the ranges and forms a type cannot express. Values the `train`
+# flag cases try (--image-size 0, --name ../escape, --data-dir a file, ...) are not repeated here.
 EXTRA_BAD = {
     "data.image_size": ["100000"],
     "data.val_fraction": ["1.5"],
@@ -485,46 +487,44 @@ EXTRA_BAD = {
     "train.label_smoothing": ["1.5"],
     "train.monitor": ["val_bogus"],
     "train.operating_point": ["bogus", "sensitivity:2"],
-    "augment.rotation": ["2"],
     "augment.zoom": ["2"],
-    "augment.translation": ["2"],
     "augment.contrast": ["2"],
-    "augment.brightness": ["2"],
     "runtime.devices": ["gpu:7"],
     "run.name": ["."],
 }
+# A value of the wrong type for each kind of setting: a word for a number, a word for a yes/no, a list for a word.
+WRONG_TYPE = {int: "abc", float: "abc", bool: "maybe", str: "[1, 2]"}
 # An empty value where none is allowed: one key of each kind of section.
 NULL_BAD = ("model.backbone", "train.head_epochs")
 
 
-def _bad_values(key: str, hint) -> list[str]:
-    """Generated bad values of one setting, from its type."""
-    kinds = [k for k in getattr(hint, "__args__", (hint,)) if k is not type(None)]
-    kind = kinds[0]
-    values = []
-    if kind is int:
-        values += ["abc", "-1"]
-    elif kind is float:
-        values += ["abc", "-1", ".nan"]
-    elif kind is bool:
-        values += ["maybe"]
-    elif kind is str:
-        values += ["[1, 2]"]
-        if tuple(key.split(".")) in config_lib.CHOICES:
-            values += ["bogus"]
-    return values + [v for v in EXTRA_BAD.get(key, []) if v not in values]
+def _bad_values(key: str, hint, first_of_its_type: bool) -> list[str]:
+    """Generated bad values of one setting: out of range, not a choice, the EXTRA_BAD ones; a value of the wrong type
+    for the first setting of each type in a section (one code path converts them all) and wherever nothing else
+    applies."""
+    kind = next(k for k in getattr(hint, "__args__", (hint,)) if k is not type(None))
+    values = {int: ["-1"], float: [".nan"]}.get(kind, [])  # NaN fails every comparison: -1 would fail the same ones
+    if tuple(key.split(".")) in config_lib.CHOICES:
+        values.append("bogus")
+    values += [value for value in EXTRA_BAD.get(key, []) if value not in values]
+    if first_of_its_type or not values:
+        values.insert(0, WRONG_TYPE[kind])
+    return values
 
 
 def settings_cases() -> list[Case]:
-    """Every key of every config section: wrong type, out of range, unknown choice; then unknown keys and forms."""
+    """Every key of every config section: out of range, unknown choice, wrong type; then unknown keys and forms."""
     cases = []
     root = config_lib.Config()
     for section in dataclasses.fields(root):
         section_type = type(getattr(root, section.name))
         hints = get_type_hints(section_type)
+        types_seen = set()
         for item in dataclasses.fields(section_type):
             key = f"{section.name}.{item.name}"
-            values = _bad_values(key, hints[item.name]) + (["null"] if key in NULL_BAD else [])
+            first = str(hints[item.name]) not in types_seen
+            types_seen.add(str(hints[item.name]))
+            values = _bad_values(key, hints[item.name], first) + (["null"] if key in NULL_BAD else [])
             for value in values:
                 says = (item.name, item.name.replace("_", "-"), item.name.replace("_", " "))
                 if key == "data.data_dir":
@@ -532,23 +532,9 @@ def settings_cases() -> list[Case]:
                 cases.append(
                     Case("settings", f"{key}={value}", _settings_base(key) + ["--set", f"{key}={value}"], says=says)
                 )
-        cases.append(
-            Case(
-                "settings",
-                f"{section.name}.bogus_key",
-                _settings_base("") + ["--set", f"{section.name}.bogus_key=1"],
-                says=("bogus_key",),
-            )
-        )
-    for form in ("bogus.key=1", "noequals", "nodot=1", "=1", "data.=1"):
-        cases.append(
-            Case(
-                "settings",
-                f"--set {form}",
-                _settings_base("") + ["--set", form],
-                says=(form.split("=")[0].split(".")[0] or "=",),
-            )
-        )
+    forms = {"data.bogus_key=1": "bogus_key", "bogus.key=1": "bogus", "noequals": "noequals", "data.=1": "data."}
+    for form, named in forms.items():
+        cases.append(Case("settings", f"--set {form}", _settings_base("") + ["--set", form], says=(named,)))
     return cases
 
 
@@ -579,7 +565,6 @@ def config_cases() -> list[Case]:
         ("a list", "- 1\n- 2\n", ("c.yaml",)),
         ("a section that is a list", "train: [1, 2]\n", ("train", "c.yaml")),
         ("a wrong type inside", "train:\n  head_lr: fast\n", ("head_lr",)),
-        ("an unknown section", "bogus:\n  key: 1\n", ("bogus",)),
         ("a python tag", "data: !!python/object/apply:os.system ['touch {case}/planted']\n", ("c.yaml",)),
         ("an alias bomb", _laughs(), ("c.yaml", "dicom_window")),
         ("invalid UTF-8", b"data:\n  seed: \xff\xfe\n", ("c.yaml",)),
@@ -620,37 +605,21 @@ def train_flag_cases() -> list[Case]:
     cases = [
         flag("--image-size abc", "--image-size", "abc", says=("image-size",)),
         flag("--image-size 0", "--image-size", "0", says=("image_size", "image-size")),
-        flag("--image-size -32", "--image-size", "-32", says=("image_size", "image-size")),
-        flag("--image-size 100000", "--image-size", "100000", says=("image_size", "image-size")),
         flag("--image-size 7", "--image-size", "7", says=("image_size", "image-size")),
         flag("--batch-size 0", "--batch-size", "0", says=("batch_size", "batch-size")),
-        flag("--batch-size larger than the data", "--batch-size", "1000", says=("batch size", "batch-size")),
         flag("--epochs -1", argv=[*TRAIN[:-4], "--epochs", "-1"], says=("epochs",)),
         flag("--epochs 0", "--head-epochs", "0", "--finetune-epochs", "0", says=("epochs",)),
         flag("--val-fraction 1.5", "--val-fraction", "1.5", says=("val_fraction", "val-fraction")),
-        flag("--val-fraction 0", "--val-fraction", "0", says=("val_fraction", "val-fraction")),
-        flag("--test-fraction -0.1", "--test-fraction", "-0.1", says=("test_fraction", "test-fraction")),
         flag("fractions adding to 1", "--val-fraction", "0.5", "--test-fraction", "0.5", says=("fraction",)),
-        flag("--seed -1", "--seed", "-1", says=("seed",)),
-        flag("--seed abc", "--seed", "abc", says=("seed",)),
         flag("--backbone bogus", "--backbone", "bogus", says=("bogus",)),
-        flag("--backbone ''", "--backbone", "", says=("backbone",)),
-        flag("--weights missing file", "--weights", "{case}/w.weights.h5", says=("w.weights.h5",)),
         flag("--weights a text file", "--weights", "{file}", says=("notes.txt",)),
         flag("--weights imagenet for tiny", "--weights", "imagenet", says=("imagenet", "tiny")),
-        flag("--augment bogus", "--augment", "bogus", says=("bogus", "preset")),
-        flag("--devices bogus", "--devices", "bogus", says=("bogus", "devices")),
         flag("--devices gpu:0 without a GPU", "--devices", "gpu:0", says=("gpu:0",)),
-        flag("--mixed-precision bogus", "--mixed-precision", "bogus", says=("mixed-precision",)),
-        flag("--time-budget bogus", "--time-budget", "bogus", says=("bogus", "budget")),
         flag("--time-budget -5m", "--time-budget", "-5m", says=("-5m", "budget")),
-        flag("--time-budget 0s", "--time-budget", "0s", says=("0s", "budget")),
         flag("--name ../escape", "--name", "../escape", says=("name",)),
-        flag("--name a/b", "--name", "a/b", says=("name",)),
         flag("--name ''", "--name", "", says=("name",)),
         flag("--name .", "--name", ".", says=("name",)),
         flag("--output-dir a file", "--output-dir", "{file}", says=("notes.txt",)),
-        flag("--output-dir below a file", "--output-dir", "{file}/runs", says=("notes.txt",)),
         flag("--output-dir not writable (/proc)", "--output-dir", "/proc/sweep", says=("/proc",)),
         flag(
             "--data-dir missing",
@@ -660,11 +629,6 @@ def train_flag_cases() -> list[Case]:
         flag(
             "--data-dir a file",
             argv=["train", "--data-dir", "{file}", "--output-dir", "{case}/runs", *FAST],
-            says=("is a file",),
-        ),
-        flag(
-            "--data-dir an image",
-            argv=["train", "--data-dir", "{image}", "--output-dir", "{case}/runs", *FAST],
             says=("is a file",),
         ),
         flag("--data-dir and --dataset", "--dataset", "tfds:beans", says=("--dataset",)),
@@ -694,7 +658,6 @@ def train_flag_cases() -> list[Case]:
             expect="ok",
             verify=lambda ctx, r: None if "tiny" in r.out else "tiny not listed",
         ),
-        flag("--devices cpu", "--devices", "cpu", expect="ok", verify=trained()),
         Case(
             "train",
             "--mixed-precision on, on a CPU",
@@ -732,12 +695,9 @@ def export_flag_cases() -> list[Case]:
         flag("--run-dir missing", argv=["export", "--run-dir", "{case}/missing"], says=("missing",)),
         flag("--run-dir a file", argv=["export", "--run-dir", "{file}"], says=("notes.txt",)),
         flag("--run-dir the data folder", argv=["export", "--run-dir", "{images}"], says=("model.keras",)),
-        flag("--run-dir the export folder", argv=["export", "--run-dir", "{run}/export"], says=("model.keras",)),
         empty,
         unfinished,
         flag("--formats bogus", "--formats", "bogus", says=("bogus",)),
-        flag("--formats ''", "--formats", "", says=("format",)),
-        flag("--formats ,,,", "--formats", ",,,", says=("format",)),
         flag("--formats FLOAT32", "--formats", "FLOAT32", says=("FLOAT32",)),
         flag(
             "--formats float32,float32",
@@ -747,7 +707,6 @@ def export_flag_cases() -> list[Case]:
             verify=wrote("{run}/export/model_float32.tflite"),
         ),
         flag("--out-dir a file", "--out-dir", "{file}", says=("notes.txt", "out-dir")),
-        flag("--out-dir below a file", "--out-dir", "{file}/export", says=("notes.txt", "out-dir")),
         flag("--out-dir not writable (/proc)", "--out-dir", "/proc/sweep", says=("/proc", "out-dir")),
         flag(
             "--out-dir the run folder itself",
@@ -766,15 +725,11 @@ def export_flag_cases() -> list[Case]:
         flag("--calibration-images 0", "--formats", "int8", "--calibration-images", "0", says=("calibration-images",)),
         flag("--calibration-images abc", "--calibration-images", "abc", says=("calibration-images",)),
         flag("--min-agreement-float32 5", "--min-agreement-float32", "5", says=("min-agreement-float32",)),
-        flag("--min-agreement-float32 nan", "--min-agreement-float32", "nan", says=("min-agreement-float32",)),
         flag("--max-diff-float32 -1", "--max-diff-float32", "-1", says=("max-diff-float32",)),
-        flag("--min-agreement-float16 2", "--min-agreement-float16", "2", says=("min-agreement-float16",)),
         flag("--max-accuracy-drop nan", "--max-accuracy-drop", "nan", says=("max-accuracy-drop",)),
         flag("--threads 0", "--threads", "0", says=("threads",)),
         flag("--latency-runs 0", "--latency-runs", "0", says=("latency-runs",)),
-        flag("--latency-runs -3", "--latency-runs", "-3", says=("latency-runs",)),
         flag("--no-metadata", "--no-metadata", expect="ok", verify=wrote("{run}/export/model_float32.tflite")),
-        flag("unknown flag", "--bogus", says=("--bogus",)),
     ]
 
 
@@ -802,7 +757,6 @@ def evaluate_flag_cases() -> list[Case]:
     return [
         flag("nothing to evaluate on", argv=["evaluate"], says=("--run-dir",)),
         flag("--run-dir missing", argv=["evaluate", "--run-dir", "{case}/missing"], says=("missing",)),
-        flag("--run-dir a file", argv=["evaluate", "--run-dir", "{file}"], says=("notes.txt",)),
         flag("--model missing", "--model", "{case}/m.keras", says=("m.keras",)),
         flag("--model the data folder", "--model", "{images}", says=("images",)),
         flag(
@@ -810,7 +764,6 @@ def evaluate_flag_cases() -> list[Case]:
             argv=["evaluate", "--model", "{model}", "--data-dir", "{case}/missing"],
             says=("missing",),
         ),
-        flag("--data-dir a file", argv=["evaluate", "--model", "{model}", "--data-dir", "{file}"], says=("notes.txt",)),
         flag(
             "--data-dir empty",
             argv=["evaluate", "--model", "{model}", "--data-dir", "{case}/empty"],
@@ -830,7 +783,6 @@ def evaluate_flag_cases() -> list[Case]:
             prepare=partial_classes,
             verify=wrote("{case}/ev/evaluation.json"),
         ),
-        flag("--subset bogus", "--subset", "bogus", says=("subset",)),
         flag(
             "--subset val", "--subset", "val", expect="ok", verify=wrote("{run}/evaluation/keras-val/evaluation.json")
         ),
@@ -840,7 +792,6 @@ def evaluate_flag_cases() -> list[Case]:
             says=("subset",),
         ),
         flag("--output-dir a file", "--output-dir", "{file}", says=("notes.txt", "output-dir")),
-        flag("--output-dir below a file", "--output-dir", "{file}/ev", says=("notes.txt", "output-dir")),
         flag("--output-dir not writable (/proc)", "--output-dir", "/proc/sweep", says=("/proc", "output-dir")),
         flag(
             "--positive-class bogus",
@@ -859,20 +810,13 @@ def evaluate_flag_cases() -> list[Case]:
             says=("sensitivity",),
         ),
         flag(
-            "--target-sensitivity nan",
-            argv=["evaluate", "--run-dir", "{run2}", "--target-sensitivity", "nan"],
-            says=("sensitivity",),
-        ),
-        flag(
             "--choose-threshold sensitivity:0.9 on two classes",
             argv=["evaluate", "--run-dir", "{run2}", "--choose-threshold", "sensitivity:0.9"],
             expect="ok",
             verify=wrote("{run2}/operating_point.json"),
         ),
         flag("--batch-size 0", "--batch-size", "0", says=("batch-size",)),
-        flag("--threads 0", "--threads", "0", says=("threads",)),
         flag("--dicom-window bogus", "--dicom-window", "bogus", says=("bogus", "window")),
-        flag("--dicom-window 40,0", "--dicom-window", "40,0", says=("40,0", "window", "width")),
         flag(
             "--model the .tflite",
             "--model",
@@ -923,17 +867,13 @@ def predict_flag_cases() -> list[Case]:
         flag("no inputs", says=("input",)),
         Case("predict", "--model missing", [*predict[:2], "{case}/m.keras", "{image}"], says=("m.keras",)),
         Case("predict", "--model the data folder", [*predict[:2], "{images}", "{image}"], says=("images",)),
-        Case("predict", "--model the run folder", [*predict[:2], "{run}", "{image}"], says=("run",)),
         flag("--top-k 0", "--top-k", "0", "{image}", says=("top-k",)),
-        flag("--top-k -1", "--top-k", "-1", "{image}", says=("top-k",)),
         flag("--top-k 100", "--top-k", "100", "{image}", expect="ok"),
         flag("--batch-size 0", "--batch-size", "0", "{image}", says=("batch-size",)),
         flag("--threads 0", "--threads", "0", "{image}", says=("threads",)),
         flag("--threshold on three classes", "--threshold", "0.5", "{image}", says=("threshold",)),
         flag("--threshold 5", "--threshold", "5", "{image2}", says=("threshold",), model="{model2}"),
-        flag("--threshold -0.5", "--threshold", "-0.5", "{image2}", says=("threshold",), model="{model2}"),
         flag("--threshold nan", "--threshold", "nan", "{image2}", says=("threshold",), model="{model2}"),
-        flag("--format xml", "--format", "xml", "{image}", says=("format",)),
         flag("--output a folder", "--output", "{case}", "{image}", says=("--output",)),
         flag(
             "--output in a missing folder",
@@ -943,7 +883,6 @@ def predict_flag_cases() -> list[Case]:
             expect="ok",
             verify=lambda ctx, r: predictions_right(ctx, r, "{case}/new/deep/p.csv"),
         ),
-        flag("--output below a file", "--output", "{file}/p.csv", "{image}", says=("notes.txt",)),
         flag("--output not writable (/proc)", "--output", "/proc/p.csv", "{image}", says=("/proc",)),
         flag(
             "--output onto its own input image",
@@ -963,9 +902,7 @@ def predict_flag_cases() -> list[Case]:
             says=("TFLite", "tflite"),
             model="{tflite}",
         ),
-        flag("--dicom-window bogus", "--dicom-window", "bogus", "{image}", says=("bogus", "window")),
         flag("a missing input", "{case}/none.png", says=("none.png",)),
-        flag("a glob matching nothing", "{case}/*.png", says=("*.png",)),
         flag("an empty folder", "{case}/empty", says=("empty",), prepare=lambda ctx: (ctx.folder / "empty").mkdir()),
         flag(
             "a text file named .png",
@@ -1002,7 +939,6 @@ def predict_flag_cases() -> list[Case]:
             ),
         ),
         flag("--no-operating-point", "--no-operating-point", "{image2}", expect="ok", model="{model2}"),
-        flag("unknown flag", "--bogus", "{image}", says=("--bogus",)),
     ]
 
 
@@ -1038,12 +974,6 @@ def explain_flag_cases() -> list[Case]:
             argv=["explain", "--model", "{saved_model}", "--output", "{case}/cams"],
             says=("SavedModel",),
         ),
-        flag(
-            "--model missing",
-            "{image}",
-            argv=["explain", "--model", "{case}/m.keras", "--output", "{case}/cams"],
-            says=("m.keras",),
-        ),
         flag("--class bogus", "--class", "bogus", "{image}", says=("bogus",)),
         flag("--batch-size 0", "--batch-size", "0", "{image}", says=("batch-size",)),
         flag(
@@ -1055,7 +985,6 @@ def explain_flag_cases() -> list[Case]:
             says=("threshold",),
         ),
         flag("no inputs", says=("input", "image files")),
-        flag("a missing input", "{case}/none.png", says=("none.png",)),
         flag("one image", "{image}", expect="ok", verify=wrote("{case}/cams/gradcam.csv")),
     ]
 
@@ -1092,19 +1021,16 @@ def benchmark_flag_cases() -> list[Case]:
 
     return [
         flag("--runs 0", "--runs", "0", says=("runs",)),
-        flag("--runs abc", "--runs", "abc", says=("runs",)),
         flag("--warmup -1", "--warmup", "-1", says=("warmup",)),
         flag("--batch-size 0", "--batch-size", "0", says=("batch-size",)),
         flag("--throughput-runs 0", "--throughput-runs", "0", says=("throughput-runs",)),
         flag("--threads 0", "--threads", "0", says=("threads",)),
         flag("--model missing", argv=["benchmark", "--model", "{case}/m.tflite"], says=("m.tflite",)),
-        flag("--model a folder", argv=["benchmark", "--model", "{images}"], says=("images",)),
         flag("--output a folder", "--output", "{case}", says=("--output",)),
         flag("--output below a file", "--output", "{file}/b.json", says=("notes.txt",)),
         flag("--output not writable (/proc)", "--output", "/proc/b.json", says=("/proc",)),
         flag("--output onto the model", "--output", "{tflite}", says=("--output", "model")),
         flag("--output in a missing folder", "--output", "{case}/new/b.json", expect="ok", verify=json_result),
-        flag("model.keras", argv=[*base[:2], "{model}", *base[3:]], expect="ok"),
         flag("the SavedModel", argv=[*base[:2], "{saved_model}", *base[3:]], expect="ok", verify=model_kept),
     ]
 
@@ -1238,7 +1164,6 @@ def folder_cases() -> list[Case]:
     documented = "documented in README: links to folders and files are followed, wherever they point"
     return [
         hostile("a symlink loop at the data root", link("{own}", "loop")),
-        hostile("a symlink to the parent of the root", link("{case}", "up")),
         hostile(
             "a symlink loop inside a class",
             lambda ctx, own: os.symlink(own / "circle_red", own / "circle_red" / "again"),
@@ -1268,7 +1193,6 @@ def folder_cases() -> list[Case]:
         hostile("empty, truncated, text-as-jpg files and a folder named .jpg", damaged),
         hostile("CMYK, palette, RGBA, 16-bit and 1x1 images", odd_modes),
         hostile("file names with a newline, comma, quote, unicode, dash", odd_names),
-        hostile("an image 40 folders deep in a class", deep),
         hostile("an empty class folder", lambda ctx, own: (own / "zebra").mkdir(), expect="message", says=("zebra",)),
         hostile(
             "a class with one image",
@@ -1277,7 +1201,6 @@ def folder_cases() -> list[Case]:
             says=("zebra",),
         ),
         hostile("a single class", only(1, 10), expect="message", says=("single class",)),
-        hostile("two images per class", only(3, 2), expect="message", says=("image",)),
         hostile("images at the root, no class folders", loose_images, expect="message", says=("class",)),
         hostile("pre-split train/ val/ test/", presplit(False)),
         hostile("pre-split with a class only in test/", presplit(True), expect="message", says=("zebra",)),
@@ -1372,19 +1295,6 @@ def untrusted_cases() -> list[Case]:
     ]
     explain = ["explain", "--model", "{model}", "--output", "{case}/cams", "{image}"]
     tfl_predict = ["predict", "--model", "{tflite}", "{image}"]
-    tfl_bench = [
-        "benchmark",
-        "--model",
-        "{tflite}",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--throughput-runs",
-        "1",
-        "--batch-size",
-        "1",
-    ]
 
     def case(name, argv, prepare, says=(), expect="message", verify=None, heavy=False, note="") -> Case:
         return Case(
@@ -1402,8 +1312,6 @@ def untrusted_cases() -> list[Case]:
         case("split.json: ../ out of the folder (evaluate)", evaluate, edit_split(outside), says=("../outside",)),
         case("split.json: ../ out of the folder (export)", EXPORT, edit_split(outside), says=("../outside",)),
         case("split.json: not JSON (evaluate)", evaluate, _write("{run}/split.json", "{ nope"), says=("split.json",)),
-        case("split.json: not JSON (export)", EXPORT, _write("{run}/split.json", "{ nope"), says=("split.json",)),
-        case("split.json: a list", evaluate, _write("{run}/split.json", "[1, 2]"), says=("split.json",)),
         case("split.json: a label out of range", evaluate, edit_split(first_label(7)), says=("split.json",)),
         case("split.json: a negative label", evaluate, edit_split(first_label(-1)), says=("split.json",)),
         case(
@@ -1426,15 +1334,11 @@ def untrusted_cases() -> list[Case]:
         ),
         case("config.yaml: a python tag (evaluate)", evaluate, python_tag, says=("config.yaml",)),
         case("config.yaml: a python tag (predict)", predict, python_tag, says=("config.yaml",)),
-        case("config.yaml: a python tag (export)", EXPORT, python_tag, says=("config.yaml",)),
         case(
             "config.yaml: binary garbage (predict)",
             predict,
             _write("{run}/config.yaml", bytes(range(256)) * 4),
             says=("config.yaml",),
-        ),
-        case(
-            "config.yaml: a list (predict)", predict, _write("{run}/config.yaml", "- 1\n- 2\n"), says=("config.yaml",)
         ),
         case(
             "config.yaml: resize_mode bogus (predict)",
@@ -1455,35 +1359,20 @@ def untrusted_cases() -> list[Case]:
             says=("config.yaml",),
         ),
         case("model.keras: a Lambda layer (predict)", predict, replace_model("lambda.keras"), says=("Lambda",)),
-        case("model.keras: a Lambda layer (evaluate)", evaluate, replace_model("lambda.keras"), says=("Lambda",)),
-        case("model.keras: a Lambda layer (benchmark)", bench, replace_model("lambda.keras"), says=("Lambda",)),
         case("model.keras: a Lambda layer (explain)", explain, replace_model("lambda.keras"), says=("Lambda",)),
         case("model.keras: a Lambda layer (export)", EXPORT, replace_model("lambda.keras"), says=("Lambda",)),
         case("model.keras: a text file (predict)", predict, text_model, says=("model.keras",)),
         case("model.keras: a text file (export)", EXPORT, text_model, says=("model.keras",)),
-        case("model.keras: a text file (explain)", explain, text_model, says=("model.keras",)),
         case("model.keras: cut in half (predict)", predict, half_model, says=("model.keras",)),
-        case("model.keras: cut in half (evaluate)", evaluate, half_model, says=("model.keras",)),
         case("model.keras: not an image model (predict)", predict, replace_model("dense.keras"), says=("model.keras",)),
-        case(
-            "model.keras: not an image model (evaluate)", evaluate, replace_model("dense.keras"), says=("model.keras",)
-        ),
         case("model.keras: not an image model (benchmark)", bench, replace_model("dense.keras"), says=("model.keras",)),
-        case("model.keras: not an image model (explain)", explain, replace_model("dense.keras"), says=("model.keras",)),
         case("model.keras: not an image model (export)", EXPORT, replace_model("dense.keras"), says=("model.keras",)),
         case(
             "model.keras: 4 outputs, 3 labels (predict)", predict, replace_model("four_outputs.keras"), says=("labels",)
         ),
-        case(
-            "model.keras: 4 outputs, 3 labels (export)",
-            EXPORT,
-            replace_model("four_outputs.keras"),
-            says=("labels", "classes"),
-        ),
         case(".tflite: garbage (predict)", tfl_predict, tflite(lambda ctx: os.urandom(5000)), says=(".tflite",)),
         case(".tflite: empty (predict)", tfl_predict, tflite(lambda ctx: b""), says=(".tflite",)),
         case(".tflite: truncated (predict)", tfl_predict, tflite(truncated_tflite), says=(".tflite",)),
-        case(".tflite: truncated (benchmark)", tfl_bench, tflite(truncated_tflite), says=(".tflite",)),
         case(
             ".tflite: bytes flipped (predict)",
             tfl_predict,
@@ -1498,25 +1387,12 @@ def untrusted_cases() -> list[Case]:
             says=(".tflite",),
         ),
         case(
-            ".tflite: not an image model (evaluate)",
-            [*evaluate, "--model", "{tflite}"],
-            tflite(lambda ctx: (ctx.base.artifacts / "dense.tflite").read_bytes()),
-            says=(".tflite",),
-        ),
-        case(
             "SavedModel: garbage saved_model.pb",
             ["predict", "--model", "{saved_model}", "{image}"],
             _write("{run}/export/saved_model/saved_model.pb", os.urandom(3000)),
             says=("saved_model",),
         ),
-        case(
-            "SavedModel: variables/ removed",
-            ["predict", "--model", "{saved_model}", "{image}"],
-            lambda ctx: shutil.rmtree(ctx.run / "export" / "saved_model" / "variables"),
-            says=("saved_model",),
-        ),
         case("labels.txt: 2 names for 3 outputs", predict, _write("{run}/labels.txt", "a\nb\n"), says=("labels.txt",)),
-        case("labels.txt: empty", predict, _write("{run}/labels.txt", ""), says=("labels.txt",)),
         case(
             "labels.txt: invalid UTF-8",
             predict,
@@ -1544,12 +1420,6 @@ def untrusted_cases() -> list[Case]:
             says=("input_contract.json", "contract"),
         ),
         case(
-            "input_contract.json: a newer schema, .tflite alone",
-            ["predict", "--model", "{case}/alone/m.tflite", "{image}"],
-            lambda ctx: _alone(ctx, json.dumps({"schema": 99})),
-            says=("input_contract.json", "contract", "schema"),
-        ),
-        case(
             "input_contract.json: image_size -5, .tflite alone",
             ["predict", "--model", "{case}/alone/m.tflite", "{image}"],
             lambda ctx: _alone(ctx, "size"),
@@ -1565,12 +1435,6 @@ def untrusted_cases() -> list[Case]:
             "operating_point.json: threshold 5",
             ["predict", "--model", "{model2}", "{image2}"],
             lambda ctx: _edit_json(ctx.run2 / "operating_point.json", threshold=5),
-            says=("operating_point.json", "threshold"),
-        ),
-        case(
-            "operating_point.json: threshold NaN",
-            ["predict", "--model", "{model2}", "{image2}"],
-            lambda ctx: _edit_json(ctx.run2 / "operating_point.json", threshold=float("nan")),
             says=("operating_point.json", "threshold"),
         ),
         case(
@@ -1818,7 +1682,7 @@ def concurrency_cases() -> list[Case]:
         (ctx.run / ".lock").write_text("training (process 999999)")
 
     export_busy = ["export", "--run-dir", "{case}/runs/busy"]
-    overwrite_busy = [*busy[:8], "--overwrite", *FAST]
+    overwrite_busy = [*busy[:7], "--overwrite", *FAST]
     return [
         Case(
             "concurrency",
@@ -2045,6 +1909,7 @@ def kill_cases() -> list[Case]:
             prepare=replaced_left,
             verify=trained(run="{run}"),
             heavy=True,
+            overwrites=True,
         ),
         Case(
             "kills",
@@ -2171,6 +2036,8 @@ def run_case(case: Case, base: Base, work: Path, keep: bool) -> dict:
 def _lost(case: Case, ctx: Context, result: Result, before: tuple[dict, dict]) -> str | None:
     """Why the case lost a run or an export, or None."""
     for run, snap in zip((ctx.run, ctx.run2), before, strict=True):
+        if case.overwrites and result.rc == 0:
+            continue
         after = snapshot(run)
         gone = sorted(set(snap) - set(after))
         if gone:
@@ -2233,6 +2100,50 @@ def select(groups: list[str] | None, quick: bool) -> list[Case]:
     return cases
 
 
+def run_cases(cases: list[Case], run_one: Callable[[Case], dict], workers: int, done: Callable[[dict], None]) -> None:
+    """Runs the cases `workers` at a time with at most one `exclusive` case at once (kills and concurrency: each
+    runs beside at most one light case); a free worker takes the next exclusive case when none runs, so they are
+    spread over the whole sweep instead of queueing at its end."""
+    pending, lock, state = list(cases), threading.Lock(), {"exclusive": False}
+
+    def take() -> Case | None:
+        with lock:
+            if not state["exclusive"]:
+                case = next((case for case in pending if case.exclusive), None)
+                if case is not None:
+                    state["exclusive"] = True
+                    pending.remove(case)
+                    return case
+            case = next((case for case in pending if not case.exclusive), None)
+            if case is not None:
+                pending.remove(case)
+            return case
+
+    def work() -> None:
+        while True:
+            case = take()
+            if case is None:
+                with lock:
+                    if not pending:
+                        return
+                time.sleep(0.5)  # only exclusive cases left, and one of them runs
+                continue
+            try:
+                record = run_one(case)
+            finally:
+                if case.exclusive:
+                    with lock:
+                        state["exclusive"] = False
+            with lock:
+                done(record)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about one case in four of each group")
@@ -2265,13 +2176,9 @@ def main() -> int:
             flush=True,
         )
 
-    shared = [case for case in cases if not case.exclusive]
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for record in pool.map(lambda case: run_case(case, base, work, args.keep), shared):
-            done(record)
-    for case in cases:
-        if case.exclusive:
-            done(run_case(case, base, work, args.keep))
+    run_cases(cases, lambda case: run_case(case, base, work, args.keep), args.workers, done)
+    order = {(case.group, case.name): index for index, case in enumerate(cases)}
+    records.sort(key=lambda record: order[record["group"], record["name"]])
     wall = time.perf_counter() - started
     print_table(records)
     totals = tally(records)
