@@ -210,6 +210,8 @@ def test_config_precedence_yaml_then_set_then_flags(tmp_path):
         ({"augment": {"zoom": 2}}, ["augment.zoom", "from 0 to 1"]),
         ({"augment": {"contrast": -1}}, ["augment.contrast", "from 0 to 1"]),
         # ... or trained with a value that means nothing
+        ({"train": {"head_lr": -1}}, ["head_lr", "above 0"]),  # issue 11: trained with a negative rate
+        ({"train": {"finetune_lr": 0}}, ["finetune_lr", "above 0"]),
         ({"data": {"cache_budget_mb": -1}}, ["data.cache_budget_mb", "0 or more"]),
         ({"train": {"label_smoothing": 1.5}}, ["train.label_smoothing", "1 (excluded)"]),
         ({"train": {"early_stopping_patience": -1}}, ["train.early_stopping_patience"]),
