@@ -1,0 +1,105 @@
+"""Which defaults earn their minutes: settings variants trained over several seeds, test metrics as mean ± sd.
+
+Each (variant, seed) is the real command, `train.py --seed S ...` in a subprocess, so a variant is exactly what a
+user would type, and its time is what a user would wait. The seed moves the split, the initialisation and the
+shuffles; a variant's figures are the mean and sample standard deviation over its seeds (never one lucky run).
+
+    python bench/ablation.py --dataset elpv --seeds 1 2 3 \\
+        --variant 'default=' --variant '300px=--image-size 300' --variant 'head only=--finetune-epochs 0'
+    python bench/ablation.py --dataset pneumoniamnist --seeds 1 2 3 --variant 'default=--image-size 128'
+
+Datasets: `elpv` (the demo's, installed from PyPI), `pneumoniamnist` (../shared/data/medmnist, written out as its
+official train/val/test split), or any class folder (`--data-dir`). Results go to bench/results/ablation-NAME.json
+and are re-used by a later call with the same variant text and seed (`--fresh` to train them again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+
+def data_flags(dataset: str, work: Path) -> list[str]:
+    """The train.py flags that point at the dataset (materialising it first when needed)."""
+    if dataset == "elpv":
+        return ["--set", "data.positive_class=defective"]
+    if dataset == "pneumoniamnist":
+        import numpy as np
+
+        from medmnist import NPZ, write_folders  # bench/medmnist.py
+
+        folder = work / "pneumoniamnist"
+        if not (folder / "test").is_dir():
+            write_folders(dict(np.load(NPZ)), folder)
+        return ["--data-dir", str(folder), "--set", "data.positive_class=pneumonia", "--augment", "medical"]
+    return ["--data-dir", dataset]
+
+
+def run_one(flags: list[str], seed: int, work: Path, name: str) -> dict:
+    """Trains one (variant, seed) and returns its test metrics and wall time."""
+    argv = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(work / "runs"), "--name", name]
+    argv += ["--overwrite", "--seed", str(seed), *flags]
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
+    test = metrics["test"]
+    return {"accuracy": test["accuracy"], "auc": test.get("auc"), "seconds": round(seconds, 1)}
+
+
+def summary(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "-"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="elpv", help="elpv, pneumoniamnist or a class folder")
+    parser.add_argument("--variant", action="append", required=True, help="NAME=train.py flags (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--work", default="/tmp/ablation", help="scratch folder for images and runs")
+    parser.add_argument("--fresh", action="store_true", help="train again the results already in the JSON")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "bench"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    label = Path(args.dataset).name if args.dataset not in ("elpv", "pneumoniamnist") else args.dataset
+    out = RESULTS / f"ablation-{label}.json"
+    done = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
+    base = data_flags(args.dataset, work)
+    variants = [text.partition("=") for text in args.variant]
+    for name, _, flags in variants:
+        for seed in args.seeds:
+            key = f"{flags.strip()} | seed {seed}"
+            if key in done:
+                continue
+            done[key] = {"variant": name, **run_one([*base, *shlex.split(flags)], seed, work, f"{label}-s{seed}")}
+            print(f"{name:24s} seed {seed}: {json.dumps(done[key])}", flush=True)
+            out.write_text(json.dumps(done, indent=1) + "\n")
+    print(f"\n{label}: test metrics over seeds {args.seeds} (mean ± sd); train.py wall time per run")
+    print(f"{'variant':24s} {'flags':44s} {'accuracy':>15s} {'AUC':>15s} {'minutes':>8s}")
+    for name, _, flags in variants:
+        rows = [done[f"{flags.strip()} | seed {seed}"] for seed in args.seeds]
+        accuracy = summary([row["accuracy"] for row in rows])
+        auc = summary([row["auc"] for row in rows if row["auc"] is not None])
+        minutes = statistics.mean(row["seconds"] for row in rows) / 60
+        print(f"{name:24s} {flags.strip()[:44]:44s} {accuracy:>15s} {auc:>15s} {minutes:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
