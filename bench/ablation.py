@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from classifier.run import Run  # noqa: E402  (the run folder's owner: no file name of it is spelled here)
+
 
 def data_flags(dataset: str, work: Path) -> list[str]:
     """The train.py flags that point at the dataset (materialising it first when needed)."""
@@ -36,7 +38,6 @@ def data_flags(dataset: str, work: Path) -> list[str]:
         return ["--set", "data.positive_class=defective"]
     if dataset == "pneumoniamnist":
         import numpy as np
-
         from medmnist import NPZ, write_folders  # bench/medmnist.py
 
         folder = work / "pneumoniamnist"
@@ -55,7 +56,7 @@ def run_one(flags: list[str], seed: int, work: Path, name: str) -> dict:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
+    metrics = Run(work / "runs" / name).read_metrics()
     test = metrics["test"]
     return {"accuracy": test["accuracy"], "auc": test.get("auc"), "seconds": round(seconds, 1)}
 
