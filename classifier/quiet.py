@@ -1,6 +1,7 @@
 """TensorFlow's start-up noise kept from users: on a machine without a GPU, importing TensorFlow and listing its
-devices prints "Could not find cuda drivers", "failed call to cuInit" and absl's "All log messages before
-absl::InitializeLog()" to the terminal, which reads like an error although CPU training is what was asked for.
+devices prints "Could not find cuda drivers", "failed call to cuInit", absl's "All log messages before
+absl::InitializeLog()" and, on CPUs with AVX-512, "oneDNN custom operations are on" to the terminal, which reads
+like an error although CPU training is what was asked for.
 
 Those lines come from C++ before Python's logging or `TF_CPP_MIN_LOG_LEVEL` can act (level 3 still shows them), so
 the only way to hold them back is the process's own stderr: it is pointed at a temporary file while TensorFlow
@@ -24,6 +25,9 @@ NOISE = re.compile(
     r"|cpu_feature_guard\.cc.*optimized to use available CPU instructions"
     r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags"
     r"|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already registered"
+    # On CPUs with AVX-512 (most servers): an INFO line a user cannot act on, shown at every start. What it warns of,
+    # tiny run-to-run differences from oneDNN's threaded reductions, is in the README.
+    r"|port\.cc.*oneDNN custom operations are on"
 )
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE_WORDS = ("cuInit", "Could not find cuda drivers", "absl::InitializeLog", "cpu_feature_guard")
+NOISE_WORDS = ("cuInit", "Could not find cuda drivers", "absl::InitializeLog", "cpu_feature_guard", "oneDNN custom")
 
 
 def test_train_help_on_a_machine_without_gpu_prints_no_cuda_noise():
@@ -30,6 +30,7 @@ def test_a_line_that_is_not_known_noise_is_passed_on(tmp_path):
         "import os, types\n"
         "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
         "os.write(2, b'E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\\n')\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see slightly different ...\\n')\n"
         "os.write(2, b'E0000 something.cc:1] a real problem\\n')\n"
         "config = types.SimpleNamespace(list_physical_devices=lambda: [])\n"
     )
