@@ -261,6 +261,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
     if config.run.name is None and not overwrite:
         previous = _latest_unfinished(output_dir, matching=settings)
         if previous is not None:
+            runlock.ensure_free(previous, "training")
             log.info(f"Continuing the interrupted run {previous} (same settings). Pass --name to start a separate run.")
             return previous, True
     run_dir = output_dir / (config.run.name or _auto_name(config))
@@ -298,6 +299,7 @@ def choose_run_dir(config: Config, overwrite: bool) -> tuple[Path, bool]:
             f"pass --resume {run_dir} to continue it with its saved settings, --overwrite to start it again, "
             "or --name NEW_NAME for a separate run."
         )
+    runlock.ensure_free(run_dir, "training")  # a run that is training now is not "interrupted": say so instead
     log.info(f"Continuing the interrupted run {run_dir}.")
     return run_dir, True
 

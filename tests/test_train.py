@@ -464,3 +464,27 @@ def test_the_logged_learning_rate_is_the_epochs_mean_not_its_last_step():
     history = model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0, callbacks=[LearningRateLogger()])
     by_hand = np.mean([0.5 * (1 + np.cos(np.pi * step / 10)) for step in range(10)])  # the rates steps 0-9 used
     assert history.history["learning_rate"][0] == pytest.approx(by_hand, rel=1e-5)  # 0.55, where the last step is 0.02
+
+
+def test_a_second_training_with_the_same_name_is_refused_while_the_first_trains(tmp_path, capsys):
+    """The issue's case: two trainings with the same --name; one crashed in h5py (BlockingIOError), the other
+    printed "Continuing the interrupted run" and trained into the same folder."""
+    from classifier import runlock
+    from classifier.backbones import get_backbone_spec
+    from classifier.run import Run
+    from classifier.train import train
+
+    images = tmp_path / "images"
+    images.mkdir()
+    config = make_config(images, tmp_path / "runs", "--name", "run")
+    size = config.data.image_size or get_backbone_spec(config.model.backbone).default_size
+    first = config.replace({"data": {"data_dir": str(images.resolve()), "dataset": None, "image_size": size}})
+    busy = tmp_path / "runs" / "run"
+    busy.mkdir(parents=True)
+    Run(busy).write_config(first)  # the first training's folder, as it is once set up: same settings, unfinished
+    with runlock.hold(busy, "training"):
+        before = sorted(path.name for path in busy.iterdir())
+        with pytest.raises(UserError, match="is in use by training"):
+            train(config)
+        assert sorted(path.name for path in busy.iterdir()) == before  # nothing written into the first one's folder
+    assert "Continuing" not in capsys.readouterr().out  # it is not interrupted: the message said it was
