@@ -9,8 +9,10 @@ shuffles; a variant's figures are the mean and sample standard deviation over it
     python bench/ablation.py --dataset pneumoniamnist --seeds 1 2 3 --variant 'default=--image-size 128'
 
 Datasets: `elpv` (the demo's, installed from PyPI), `pneumoniamnist` (../shared/data/medmnist, written out as its
-official train/val/test split), or any class folder (`--data-dir`). Results go to bench/results/ablation-NAME.json
-and are re-used by a later call with the same variant text and seed (`--fresh` to train them again).
+official train/val/test split), `fashion-mnist` (10 classes; a fixed 1,500 / 500 / 1,000 subset of Debian's
+`dataset-fashion-mnist` package, at 128 px), or any class folder (`--data-dir`). Results go to
+bench/results/ablation-NAME.json and are re-used by a later call with the same variant text and seed (`--fresh`
+to train them again).
 """
 
 from __future__ import annotations
@@ -44,7 +46,54 @@ def data_flags(dataset: str, work: Path) -> list[str]:
         if not (folder / "test").is_dir():
             write_folders(dict(np.load(NPZ)), folder)
         return ["--data-dir", str(folder), "--set", "data.positive_class=pneumonia", "--augment", "medical"]
+    if dataset == "fashion-mnist":
+        folder = work / "fashion-mnist"
+        if not (folder / "test").is_dir():
+            write_fashion_mnist(folder)
+        return ["--data-dir", str(folder), "--image-size", "128"]
     return ["--data-dir", dataset]
+
+
+# Debian's `dataset-fashion-mnist` package (apt-get install dataset-fashion-mnist): the official IDX files.
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+FASHION_PER_CLASS = {"train": 150, "val": 50, "test": 100}  # a small-data subset: 1,500 / 500 / 1,000 images
+
+
+def write_fashion_mnist(folder: Path) -> None:
+    """A fixed, class-balanced subset of Fashion-MNIST written as the pre-split layout (10 classes, 28 px PNGs):
+    train and val from its training file, test from its test file, the first images of each class in file order."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    if not FASHION.is_dir():
+        raise SystemExit(f"{FASHION} is missing: install Debian's package (apt-get install dataset-fashion-mnist)")
+
+    def read(kind: str) -> tuple[np.ndarray, np.ndarray]:
+        with gzip.open(FASHION / f"{kind}-labels-idx1-ubyte.gz") as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+        with gzip.open(FASHION / f"{kind}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(len(labels), 28, 28)
+        return images, labels
+
+    sources = {"train": read("train"), "test": read("t10k")}
+    for label, name in enumerate(FASHION_CLASSES):
+        train_images, train_labels = sources["train"]
+        test_images, test_labels = sources["test"]
+        pool = np.flatnonzero(train_labels == label)
+        picks = {
+            "train": train_images[pool[: FASHION_PER_CLASS["train"]]],
+            "val": train_images[
+                pool[FASHION_PER_CLASS["train"] : FASHION_PER_CLASS["train"] + FASHION_PER_CLASS["val"]]
+            ],
+            "test": test_images[np.flatnonzero(test_labels == label)[: FASHION_PER_CLASS["test"]]],
+        }
+        for subset, images in picks.items():
+            (folder / subset / name).mkdir(parents=True, exist_ok=True)
+            for index, image in enumerate(images):
+                Image.fromarray(image).save(folder / subset / name / f"{index:04d}.png")
 
 
 def run_one(flags: list[str], seed: int, work: Path, name: str) -> dict:
@@ -78,7 +127,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    label = Path(args.dataset).name if args.dataset not in ("elpv", "pneumoniamnist") else args.dataset
+    label = Path(args.dataset).name if args.dataset not in ("elpv", "pneumoniamnist", "fashion-mnist") else args.dataset
     out = RESULTS / f"ablation-{label}.json"
     done = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
     base = data_flags(args.dataset, work)
