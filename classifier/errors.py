@@ -8,6 +8,7 @@ without a stack trace; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import os
 import sys
 from collections.abc import Callable
@@ -30,6 +31,12 @@ def run_cli(main: Callable[[], int | None], interrupted: str = "nothing was writ
     Args:
         interrupted: what a Ctrl-C leaves behind and how to go on, shown after "interrupted: ".
     """
+    # A crash inside TensorFlow's native code (seen once on 2026-12-02: a segfault in a `tf_Compute` thread during
+    # phase 1, not reproduced by the same command) kills the process with no Python traceback, so neither the user
+    # nor a bug report could say where. faulthandler writes the Python stack of every thread to stderr on
+    # SIGSEGV, SIGFPE, SIGABRT and SIGBUS; the run itself resumes from its last checkpoint when run again.
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     try:
         return int(main() or 0)
     except UserError as error:
