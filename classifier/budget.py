@@ -53,9 +53,12 @@ class TimeBudget:
         """Seconds left."""
         return self.seconds - (time.perf_counter() - self.started)
 
-    def views(self, wanted: int, seconds_per_view: float, reserve_seconds: float) -> int:
-        """How many augmented views phase 1 can afford (at most `wanted`), and says so when it is fewer."""
-        spendable = (self.remaining() - reserve_seconds) * VIEWS_SHARE
+    def views(self, wanted: int, seconds_per_view: float, reserve_seconds: float, phase2: bool = True) -> int:
+        """How many augmented views phase 1 can afford (at most `wanted`), and says so when it is fewer.
+
+        With `phase2` False (no fine-tuning epochs) the views may use all the time left after the reserve.
+        """
+        spendable = (self.remaining() - reserve_seconds) * (VIEWS_SHARE if phase2 else 1.0)
         views = max(0, min(wanted, int(spendable // max(seconds_per_view, 1e-9))))
         if views < wanted:
             log.info(

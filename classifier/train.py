@@ -561,7 +561,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     views = plan.feature_views
     ctx.inference_rate = rate
     if ctx.budget is not None:
-        views = ctx.budget.views(views, n_train / rate, _reserve_seconds(ctx))
+        views = ctx.budget.views(views, n_train / rate, _reserve_seconds(ctx), phase2=plan.finetune_epochs > 0)
         plan = dataclasses.replace(plan, feature_views=views)
     augmented = features.extract(extractor, [pipelines.views] * views) if views else None
     n_val = len(split.val)

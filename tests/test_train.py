@@ -306,6 +306,8 @@ def test_durations_parse_and_bad_ones_name_the_format():
     assert budget.epochs(1, seconds_per_epoch=30.0, reserve_seconds=10.0) == 1
     # Views may take a third of what is left after the reserve: 30 s and a bit, three 10 s views.
     assert TimeBudget(seconds=101.0, started=time.perf_counter()).views(5, 10.0, reserve_seconds=10.0) == 3
+    # Without fine-tuning epochs to leave time for, the views may take all of it: nine 10 s views in 91 s.
+    assert TimeBudget(seconds=101.0, started=time.perf_counter()).views(20, 10.0, 10.0, phase2=False) == 9
 
 
 def test_training_stops_when_the_next_epoch_would_overrun_the_budget(capsys):
