@@ -104,7 +104,11 @@ def run_one(flags: list[str], seed: int, work: Path, name: str) -> dict:
     result = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        log = work / f"{name}-seed{seed}.log"  # the whole output: a native crash's stack is at the top of stderr
+        log.write_text(result.stdout + result.stderr)
+        raise SystemExit(
+            f"{' '.join(argv)} failed (exit {result.returncode}; output in {log}):\n{result.stderr[-2000:]}"
+        )
     metrics = Run(work / "runs" / name).read_metrics()
     test = metrics["test"]
     return {"accuracy": test["accuracy"], "auc": test.get("auc"), "seconds": round(seconds, 1)}
