@@ -1,7 +1,11 @@
 """Runs the benchmarks in bench/ in turn (`make bench`); each prints its own figures and ratios.
 
 The other scripts there are tools run on demand with their own arguments: `tensorboard_screenshots.py` (needs a
-run's logs and Chromium) and `hostile_sweep.py` (the reliability tally of issue 11, about half an hour).
+run's logs and Chromium), `hostile_sweep.py` (the reliability tally of issue 11, about half an hour),
+`demo_seeds.py` (`make demo` over seeds on a fresh clone against an older commit's, about an hour), `ablation.py`
+(settings variants over seeds) and the feature probes `pooling_probe.py` and `multilevel_probe.py`.
+`accuracy.py` (ELPV and PneumoniaMNIST over three seeds against the anchors and a plain keras-io recipe) takes
+about an hour and a half of the whole.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ BENCHMARKS = [
     "backbone_load.py",
     "linear_probe.py",
     "medmnist.py",
+    "accuracy.py",
     "import_graph.py",
     "longest_functions.py",
 ]
