@@ -7,8 +7,10 @@ without a stack trace; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -36,7 +38,9 @@ def run_cli(main: Callable[[], int | None], interrupted: str = "nothing was writ
     # nor a bug report could say where. faulthandler writes the Python stack of every thread to stderr on
     # SIGSEGV, SIGFPE, SIGABRT and SIGBUS; the run itself resumes from its last checkpoint when run again.
     if not faulthandler.is_enabled():
-        faulthandler.enable()
+        # A stderr without a file descriptor (captured by a caller) cannot take the dump: run without it then.
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            faulthandler.enable()
     try:
         return int(main() or 0)
     except UserError as error:
