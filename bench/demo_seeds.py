@@ -101,27 +101,33 @@ def describe(row: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4, 5], help="none: baseline only")
     parser.add_argument("--baseline", help="an older commit whose `make demo` is timed in the same sitting")
     parser.add_argument("--work", default="/tmp/demo-seeds", help="folder for the clones")
     parser.add_argument("--machine", default=platform.processor() or platform.machine(), help="for the record")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    folder = clone("HEAD", work / "head")
-    runs = []
-    for seed in args.seeds:
-        runs.append(run_demo(folder, seed, work / f"demo-seed{seed}.log"))
-        print(describe(runs[-1]), flush=True)
-    result = {
-        "machine": args.machine,
-        "date": date.today().isoformat(),
-        "commit": head.stdout.strip(),
-        "how": "python bench/demo_seeds.py: one fresh clone, `make setup` first (not timed), then per seed: "
-        "rm -rf saved_models/demo; make demo DEMO_SEED=N",
-        "runs": runs,
-    }
+    if args.seeds:
+        head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        folder = clone("HEAD", work / "head")
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_demo(folder, seed, work / f"demo-seed{seed}.log"))
+            print(describe(runs[-1]), flush=True)
+        result = {
+            "machine": args.machine,
+            "date": date.today().isoformat(),
+            "commit": head.stdout.strip(),
+            "how": "python bench/demo_seeds.py: one fresh clone, `make setup` first (not timed), then per seed: "
+            "rm -rf saved_models/demo; make demo DEMO_SEED=N",
+            "runs": runs,
+        }
+    elif RESULTS.exists():  # --seeds with no seed: add a baseline to the seeds measured before
+        result = json.loads(RESULTS.read_text())
+        runs = result["runs"]
+    else:
+        raise SystemExit(f"no seeds given and no {RESULTS} to add a baseline to")
     if args.baseline:
         baseline = clone(args.baseline, work / "baseline")
         result["baseline"] = {"commit": args.baseline, **run_demo(baseline, None, work / "demo-baseline.log")}
