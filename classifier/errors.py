@@ -33,10 +33,11 @@ def run_cli(main: Callable[[], int | None], interrupted: str = "nothing was writ
     Args:
         interrupted: what a Ctrl-C leaves behind and how to go on, shown after "interrupted: ".
     """
-    # A crash inside TensorFlow's native code (seen once on 2026-12-02: a segfault in a `tf_Compute` thread during
-    # phase 1, not reproduced by the same command) kills the process with no Python traceback, so neither the user
-    # nor a bug report could say where. faulthandler writes the Python stack of every thread to stderr on
-    # SIGSEGV, SIGFPE, SIGABRT and SIGBUS; the run itself resumes from its last checkpoint when run again.
+    # A crash inside TensorFlow's native code (seen three times on 2026-12-02: segfaults in phase 1's head fit with
+    # another TensorFlow process beside it, not reproduced by re-running) kills the process with no Python
+    # traceback, so neither the user nor a bug report could say where. faulthandler writes the Python stack of
+    # every thread to stderr on SIGSEGV, SIGFPE, SIGABRT and SIGBUS; the run resumes from its last checkpoint
+    # when run again.
     if not faulthandler.is_enabled():
         # A stderr without a file descriptor (captured by a caller) cannot take the dump: run without it then.
         with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
