@@ -20,15 +20,17 @@ Ratios above 1.0 mean the product is faster.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from classifier.quiet import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # TensorFlow's cuInit / CUDA-probe lines on a machine without a GPU are not shown
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
