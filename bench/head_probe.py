@@ -30,60 +30,55 @@ from classifier.quiet import import_tensorflow_quietly  # noqa: E402
 import_tensorflow_quietly()
 
 import keras  # noqa: E402
-from pooling_probe import probe  # noqa: E402
+from pooling_probe import probe, probe_splits  # noqa: E402
 from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
 
 from classifier import features  # noqa: E402
-from classifier.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from classifier.config import Config  # noqa: E402
+from classifier.train import _compile, _learning_rate  # noqa: E402  (phase 1's own schedule, optimizer and loss)
 
 TOP = "block7a"  # the level the classifier pools (multilevel_probe.LEVELS)
-DEFAULTS = TrainConfig()
-# name: settings that differ from the product's phase-1 defaults
+# name: config overrides of the product's phase-1 defaults (and "standardize": features scaled to unit variance)
 VARIANTS = {
     "product head (defaults)": {},
-    "no label smoothing": {"label_smoothing": 0.0},
-    "learning rate 1e-3": {"lr": 1e-3},
-    "no early stopping": {"patience": 0},
-    "60 epochs, patience 10": {"epochs": 60, "patience": 10},
-    "100 epochs, patience 20": {"epochs": 100, "patience": 20},
-    "60 epochs, patience 10, learning rate 3e-2": {"epochs": 60, "patience": 10, "lr": 3e-2},
-    "60 epochs, patience 10, dropout 0": {"epochs": 60, "patience": 10, "dropout": 0.0},
-    "60 epochs, patience 10, dropout 0.5": {"epochs": 60, "patience": 10, "dropout": 0.5},
+    "no label smoothing": {"train": {"label_smoothing": 0.0}},
+    "learning rate 1e-3": {"train": {"head_lr": 1e-3}},
+    "no early stopping": {"train": {"early_stopping_patience": 0}},
+    "60 epochs, patience 10": {"train": {"head_epochs": 60, "early_stopping_patience": 10}},
+    "100 epochs, patience 20": {"train": {"head_epochs": 100, "early_stopping_patience": 20}},
+    "60 epochs, patience 10, learning rate 3e-2": {
+        "train": {"head_epochs": 60, "early_stopping_patience": 10, "head_lr": 3e-2}
+    },
+    "60 epochs, patience 10, dropout 0": {
+        "train": {"head_epochs": 60, "early_stopping_patience": 10},
+        "model": {"dropout": 0.0},
+    },
+    "60 epochs, patience 10, dropout 0.5": {
+        "train": {"head_epochs": 60, "early_stopping_patience": 10},
+        "model": {"dropout": 0.5},
+    },
     "standardized features": {"standardize": True},
 }
 
 
-def splits(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """pooling_probe.probe's split: 70 % train, then the rest halved into validation and test, stratified."""
-    train, rest = train_test_split(np.arange(len(y)), test_size=0.30, stratify=y, random_state=seed)
-    val, test = train_test_split(rest, test_size=0.50, stratify=y[rest], random_state=seed)
-    return train, val, test
-
-
-def keras_head(x: np.ndarray, y: np.ndarray, seed: int, **settings) -> tuple[float, float]:
-    """Test accuracy and AUC of the phase-1 head trained with the product's defaults changed by `settings`."""
-    lr = settings.get("lr", DEFAULTS.head_lr)
-    epochs = settings.get("epochs", DEFAULTS.head_epochs)
-    patience = settings.get("patience", DEFAULTS.early_stopping_patience)
+def keras_head(x: np.ndarray, y: np.ndarray, seed: int, overrides: dict) -> tuple[float, float]:
+    """Test accuracy and AUC of the phase-1 head trained with the product's defaults changed by `overrides`."""
+    overrides = dict(overrides)
+    standardize = overrides.pop("standardize", False)
+    config = Config().replace(overrides)
     keras.utils.set_random_seed(seed)
-    train, val, test = splits(y, seed)
-    if settings.get("standardize"):
+    train, val, test = probe_splits(y, seed)
+    if standardize:
         x = (x - x[train].mean(axis=0)) / (x[train].std(axis=0) + 1e-6)
     targets = np.eye(2, dtype="float32")[y]
     inputs = keras.Input((x.shape[1],))
-    hidden = keras.layers.Dropout(settings.get("dropout", ModelConfig().dropout))(inputs)
+    hidden = keras.layers.Dropout(config.model.dropout)(inputs)
     head = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(hidden))
-    batch = max(DataConfig().batch_size, min(features.HEAD_BATCH, len(train) // features.MIN_HEAD_STEPS))
+    # The batch rule of classifier.train._train_head, on one replica.
+    batch = max(config.data.batch_size, min(features.HEAD_BATCH, len(train) // features.MIN_HEAD_STEPS))
+    epochs, patience = config.train.head_epochs, config.train.early_stopping_patience
     steps = -(-len(train) // batch) * epochs
-    warmup = int(steps * DEFAULTS.warmup_fraction)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=steps - warmup, alpha=0.01, warmup_target=lr, warmup_steps=warmup
-    )
-    head.compile(
-        keras.optimizers.AdamW(schedule, weight_decay=DEFAULTS.weight_decay),
-        keras.losses.CategoricalCrossentropy(label_smoothing=settings.get("label_smoothing", DEFAULTS.label_smoothing)),
-    )
+    _compile(head, config, _learning_rate(config.train.head_lr, steps, config.train.warmup_fraction), False)
     stop = [keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)] if patience else []
     head.fit(
         x[train], targets[train], batch_size=batch, epochs=epochs, validation_data=(x[val], targets[val]),
@@ -113,7 +108,7 @@ def main() -> int:
     print(f"ELPV pooled top map ({x.shape[1]} features, {args.cache.name}), seeds {args.seeds}: test accuracy / AUC")
     print(line("logistic regression, C on validation AUC", [probe(x, y, seed) for seed in args.seeds]), flush=True)
     for name, settings in VARIANTS.items():
-        print(line(name, [keras_head(x, y, seed, **settings) for seed in args.seeds]), flush=True)
+        print(line(name, [keras_head(x, y, seed, settings) for seed in args.seeds]), flush=True)
     return 0
 
 

@@ -65,10 +65,16 @@ def poolings(maps: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def probe(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
-    """Test accuracy and AUC of a logistic regression whose C is chosen on the validation split."""
+def probe_splits(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the probes' split: 70 % train, the rest halved into validation and test, stratified by label."""
     train, rest = train_test_split(np.arange(len(y)), test_size=0.30, stratify=y, random_state=seed)
     val, test = train_test_split(rest, test_size=0.50, stratify=y[rest], random_state=seed)
+    return train, val, test
+
+
+def probe(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float]:
+    """Test accuracy and AUC of a logistic regression whose C is chosen on the validation split."""
+    train, val, test = probe_splits(y, seed)
     scaler = StandardScaler().fit(x[train])
     fits = [LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x[train]), y[train]) for c in C_GRID]
     best = max(fits, key=lambda fit: roc_auc_score(y[val], fit.predict_proba(scaler.transform(x[val]))[:, 1]))
