@@ -339,7 +339,7 @@ def use_mixed_precision(setting: str, strategy: tf.distribute.Strategy) -> bool:
     if setting != "auto":
         return setting == "on"
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus or not any("GPU" in d for d in strategy.extended.worker_devices):
+    if not gpus or not any("GPU" in d for d in distribute.replica_devices(strategy)):
         return False
     return all(
         (tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)) >= (7, 0) for gpu in gpus
@@ -1021,7 +1021,7 @@ def _devices(config: Config, role: distribute.Role, split: data.Split) -> tuple[
     global_batch = config.data.batch_size * strategy.num_replicas_in_sync
     data.check_batch_size(split, global_batch)
     log.info(
-        f"Devices: {strategy.num_replicas_in_sync} replica(s) {list(strategy.extended.worker_devices)}, "
+        f"Devices: {strategy.num_replicas_in_sync} replica(s) {distribute.replica_devices(strategy)}, "
         f"global batch {global_batch}, mixed precision {'on' if mixed else 'off'}, "
         f"image size {config.data.image_size}px."
     )
