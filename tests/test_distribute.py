@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY, write_separable_folder
 
-from classifier.distribute import cluster_role
+from classifier.distribute import cluster_role, make_strategy, replica_devices
 from classifier.errors import UserError
+from classifier.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,19 @@ def test_the_role_comes_from_tf_config_and_a_bad_one_is_named():
     assert cluster_role({"TF_CONFIG": json.dumps(with_chief)}).workers == 2
     with pytest.raises(UserError, match="TF_CONFIG is not a usable cluster description"):
         cluster_role({"TF_CONFIG": "{not json"})
+
+
+def test_one_default_device_trains_without_a_strategy_and_names_its_device():
+    """One replica on the device TensorFlow places on anyway gets no tf.distribute strategy (a one-device
+    MirroredStrategy made phase 1's head fit three times slower); the log still names the device."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("on a machine with a GPU, `auto` and `cpu` are different devices")
+    for devices in ("auto", "cpu", "cpu:0"):
+        strategy = make_strategy(devices, cluster_role({}))
+        assert strategy is tf.distribute.get_strategy() and strategy.num_replicas_in_sync == 1
+        assert [name.split("device:")[-1] for name in replica_devices(strategy)] == ["CPU:0"]
 
 
 def free_ports(count: int) -> list[int]:
@@ -79,7 +93,7 @@ EPOCHS = ["--head-epochs", "1", "--finetune-epochs", "2", "--augment", "none"]
 EPOCHS += ["--set", "model.dropout=0", "--set", "train.feature_views=0"]
 
 
-def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_path, start_workers):
+def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_path, start_workers, capsys):
     images = write_separable_folder(tmp_path / "images", per_class=12, size=40)  # 24 train, 6 val, 6 test
     output, scratch = tmp_path / "runs", tmp_path / "tmp"
     scratch.mkdir()
@@ -115,12 +129,28 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
     # autograph files of the killed processes stay: they are TensorFlow's to name and a SIGKILL leaves them.)
     assert [p.name for p in scratch.iterdir() if p.name.startswith("classifier-")] == []
 
-    # One process, the same global batch (2 x 4) and seed: the same run folder layout and the same validation loss.
-    single = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(tmp_path / "one")]
-    single += ["--name", "one", "--image-size", "32", "--batch-size", "8", *TINY, *EPOCHS]
-    result = subprocess.run(single, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # The same global batch (2 x 4) and seed in one process: one replica (the oracle, run here through `train.main`),
+    # and two replicas of MirroredStrategy over two logical CPUs (a child process: logical devices are set before
+    # TensorFlow starts), whose global batch is the per-replica batch times two.
+    flags = ["--image-size", "32", *TINY, *EPOCHS]
+    mirrored = f"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from classifier.train import main
+sys.exit(main(["--data-dir", {str(images)!r}, "--output-dir", {str(tmp_path / "two")!r}, "--name", "two",
+    "--batch-size", "4", "--devices", "cpu:0,cpu:1", *{flags!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", mirrored], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = tmp_path / "one" / "one"
+    assert "2 replica(s)" in result.stdout and "global batch 8" in result.stdout
+    assert "3/3" in result.stdout  # 24 training images / global batch 8 = 3 steps per fine-tuning epoch
+    capsys.readouterr()
+    single = ["--data-dir", str(images), "--output-dir", str(tmp_path / "one"), "--name", "one", "--batch-size", "8"]
+    assert train_main([*single, *flags]) == 0, capsys.readouterr().err[-3000:]
+    assert "1 replica(s)" in capsys.readouterr().out
+    one, two = tmp_path / "one" / "one", tmp_path / "two" / "two"
 
     def layout(folder: Path) -> set[str]:
         # Event files carry the host name and time in their names: compared by folder.
@@ -129,16 +159,18 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
             for p in folder.rglob("*")
         }
 
-    assert layout(run) == layout(one)
-    cluster, one_process = history(run), history(one)
-    # Phase 1 (the head on features, whole global batches of the same 8 feature rows split 4 + 4 between the workers,
-    # gradients summed across them) matches one process to float rounding: initialisation, batch split and the
-    # all-reduce are right.
-    assert float(cluster[0]["val_loss"]) == pytest.approx(float(one_process[0]["val_loss"]), rel=1e-4)
-    # Phase 2 trains on the same images per epoch but not in the same order (measured 2.6 % apart after two epochs;
-    # the cluster path of Keras' fit draws tf.data's reshuffle once more, we believe, not verified): within 10 %,
-    # the spread of a 6-image validation loss between shuffle orders, and far from a broken run's (untrained: ln 3).
-    assert float(cluster[-1]["val_loss"]) == pytest.approx(float(one_process[-1]["val_loss"]), rel=0.1)
+    assert layout(run) == layout(one) == layout(two)
+    one_process = history(one)
+    for other in (history(run), history(two)):
+        # Phase 1 (the head on features, whole global batches of the same 8 feature rows split 4 + 4 between the
+        # workers or replicas, gradients summed across them) matches one replica to float rounding: initialisation,
+        # batch split and the all-reduce are right.
+        assert float(other[0]["val_loss"]) == pytest.approx(float(one_process[0]["val_loss"]), rel=1e-4)
+        # Phase 2 trains on the same images per epoch but not in the same order (the cluster measured 2.6 % apart
+        # after two epochs; the cluster path of Keras' fit draws tf.data's reshuffle once more, we believe, not
+        # verified): within 10 %, the spread of a 6-image validation loss between shuffle orders, and far from a
+        # broken run's (untrained: ln 3).
+        assert float(other[-1]["val_loss"]) == pytest.approx(float(one_process[-1]["val_loss"]), rel=0.1)
 
 
 def test_evaluation_batches_never_leave_a_worker_without_an_image():
