@@ -116,29 +116,31 @@ def exported_run(tmp_path_factory, worker_id) -> tuple[Path, dict]:
     return Path(record["run_dir"]), record["report"]
 
 
-# Seconds of each test module, summed from `pytest --durations=60 -n 2` on the 2-core development machine while other
-# jobs ran (2026-11-23): only their order matters. `make test` hands whole modules to its two workers in this order,
-# heaviest first, so that the last module to start is a short one and neither worker idles while the other finishes
-# a long one (xdist's own order, most tests first, put the three heaviest modules last). A module missing here is
-# placed as a 10-second one.
+# Seconds of each test module, summed from `pytest --durations=0 -n 2` on the 2-core development machine (2026-12-03):
+# only their order matters. `make test` hands whole modules to its two workers in this order, heaviest first, so
+# that the last module to start is a short one and neither worker idles while the other finishes a long one
+# (xdist's own order, most tests first, put the heaviest modules last). A module missing here is placed as a
+# 10-second one.
 MODULE_SECONDS = {
-    "test_reliability": 190,
-    "test_train": 135,
-    "test_explain": 129,
-    "test_export": 98,
-    "test_distribute": 87,
-    "test_dicom": 75,
-    "test_backbones": 50,
-    "test_evaluate": 37,
-    "test_contract": 20,
-    "test_model": 19,
-    "test_calibration": 15,
-    "test_data": 12,
-    "test_quiet": 9,
-    "test_metrics": 5,
-    "test_predict": 5,
-    "test_inference": 4,
-    "test_benchmark": 3,
+    "test_reliability": 104,
+    "test_distribute": 104,
+    "test_explain": 67,
+    "test_train": 54,
+    "test_export": 53,
+    "test_backbones": 46,
+    "test_dicom": 24,
+    "test_evaluate": 22,
+    "test_calibration": 18,
+    "test_model": 17,
+    "test_contract": 16,
+    "test_log": 7,
+    "test_quiet": 5,
+    "test_data": 5,
+    "test_inference": 3,
+    "test_metrics": 2,
+    "test_benchmark": 1,
+    "test_predict": 1,
+    "test_errors": 1,
     "test_run": 1,
 }
 

@@ -1,7 +1,10 @@
 """Kills at named moments, damaged checkpoints and a file-size limit: the same command always finishes the run,
 with the right epochs, and never shows a traceback.
 
-The kill tests run `train.py` in a child process, poll for the file that marks the moment and SIGKILL it there.
+The kill tests run `train.py` in a child process, poll for the file that marks the moment and SIGKILL it there. The
+runs that follow (the same command again, on what the kills left) go through `train.main` in the test's own process:
+the same code as `python train.py` after its imports, without a second TensorFlow import (7 s each here); their
+output is read from capsys, and an exception would fail the test as a traceback would.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ def command(images: Path, output: Path) -> list[str]:
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kwargs)
+
+
+def run_here(argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """`argv` (a `command(...)` line) run through `train.main` in this process, with what it printed."""
+    from classifier.train import main
+
+    assert argv[:2] == [sys.executable, str(ROOT / "train.py")]
+    capsys.readouterr()
+    code = main(argv[2:])
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, printed.out, printed.err)
 
 
 def kill_when(argv: list[str], ready, timeout: float = 300) -> str:
@@ -121,12 +135,12 @@ def copy_of(interrupted, tmp_path: Path) -> tuple[list[str], Path]:
     return command(images, tmp_path / "runs") + ["--name", "run", *SMALL, *EPOCHS], tmp_path / "runs" / "run"
 
 
-def test_killed_in_phase_1_and_in_phase_2_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path):
+def test_killed_in_phase_1_and_in_phase_2_the_same_command_finishes_with_each_epoch_once(interrupted, tmp_path, capsys):
     assert "Phase 1/2: already finished" not in interrupted[3]  # after the first kill the head trained again
     argv, run_dir = copy_of(interrupted, tmp_path)
     reached = backup_epoch(run_dir)
     assert reached in (HEAD + 1, HEAD + 2)  # phase 2 had finished one epoch (or two, if the poll was slow)
-    result = run(argv)
+    result = run_here(argv, capsys)
     assert "Phase 1/2: already finished" in result.stdout
     assert f"continuing phase 2 after epoch {reached}" in result.stdout
     assert_finished_cleanly(run_dir, result)
@@ -148,7 +162,7 @@ def _truncate(path: Path) -> None:
         ("best_record", "backup_weights"),
     ],
 )
-def test_damaged_checkpoints_are_reported_and_the_run_still_finishes(interrupted, tmp_path, damage):
+def test_damaged_checkpoints_are_reported_and_the_run_still_finishes(interrupted, tmp_path, damage, capsys):
     argv, run_dir = copy_of(interrupted, tmp_path)
     checkpoints = run_dir / "checkpoints"
     best = json.loads((checkpoints / "best.json").read_text())
@@ -161,7 +175,7 @@ def test_damaged_checkpoints_are_reported_and_the_run_still_finishes(interrupted
         _truncate(checkpoints / "phase2_backup" / state["weights"])
     if "backup_record" in damage:
         (checkpoints / "phase2_backup" / "state.json").write_text("")
-    result = run(argv)
+    result = run_here(argv, capsys)
     assert "the best checkpoint" in result.stdout and "is damaged" in result.stdout
     assert "phase 2's backup" in result.stdout and "phase 2 starts again" in result.stdout
     assert "continuing phase 2" not in result.stdout
@@ -187,13 +201,13 @@ def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_
     assert {p.name: p.read_bytes() for p in backup.iterdir()} == before
 
 
-def test_a_damaged_plan_and_history_are_reported_and_the_run_still_finishes(interrupted, tmp_path):
+def test_a_damaged_plan_and_history_are_reported_and_the_run_still_finishes(interrupted, tmp_path, capsys):
     """Found by bench/hostile_sweep.py: plan.json that is not JSON and history.csv that is not text ended the resumed
     run in JSONDecodeError and UnicodeDecodeError, every time."""
     argv, run_dir = copy_of(interrupted, tmp_path)
     (run_dir / "checkpoints" / "plan.json").write_text("{ nope")
     (run_dir / "history.csv").write_bytes(bytes(range(256)))
-    result = run(argv)
+    result = run_here(argv, capsys)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "plan.json is damaged" in result.stdout and "phase 1 runs again" in result.stdout
     assert "history.csv cannot be read" in result.stdout and (run_dir / "history.damaged.csv").is_file()
@@ -287,14 +301,16 @@ def test_ctrl_c_while_tensorflow_loads_is_a_message(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted: nothing was done.\n"
 
 
-def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, tmp_path):
+def test_an_image_truncated_between_a_kill_and_the_re_run_is_named(interrupted, tmp_path, capsys):
     images, _, _, _ = interrupted
     _, run_dir = copy_of(interrupted, tmp_path)
     moved = Path(shutil.copytree(images, tmp_path / "images"))
     train_image = json.loads((run_dir / "split.json").read_text())["train"][0][0]
     victim = moved / train_image
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    result = run([sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir), "--data-dir", str(moved)])
+    result = run_here(
+        [sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir), "--data-dir", str(moved)], capsys
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert train_image in result.stderr and "can no longer be read" in result.stderr
