@@ -2,6 +2,7 @@
 
     python bench/train_loop.py                  # 640 ELPV training images at 224 px (generated images without ELPV)
     python bench/train_loop.py --images 320 --size 160
+    python bench/train_loop.py --repeats 3          # alternating plain / product, and the median of the ratios
 
 Baseline, the plain loop a Keras user would write: `build_classifier`, the images decoded into memory once, a
 tf.data pipeline (shuffle, batch 32, the same augmentation layers), `compile` with AdamW and `fit` with no
@@ -14,7 +15,9 @@ Product: `classifier.train.train` on the same images (as a class folder) with it
   the product's whole phase 1 (feature passes + 30 head epochs). Reported as images/s = 5 x images / seconds.
 - Phase 2: the product's steady training images/s (its ThroughputMeter: validation and checkpoints left out)
   against the plain loop's.
-Ratios above 1.0 mean the product is faster.
+Ratios above 1.0 mean the product is faster. On a shared machine the speed can drift between the two measurements
+(the plain loop's phase 2 was measured at 29 and 43 images/s in two runs of one hour): `--repeats N` measures the
+pair N times, alternating which goes first, and reports each pair's ratios and their median.
 """
 
 from __future__ import annotations
@@ -111,31 +114,68 @@ def product_loop(folder: Path, root: Path, size: int, epochs: int, seed: int) ->
     return metrics["throughput"], len(split.train)
 
 
+def measure(folder: Path, root: Path, args, plain_first: bool) -> dict:
+    """One pair of measurements: the product's run and the plain loop on the product's training split."""
+    runs = root / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    shutil.rmtree(root / "plain", ignore_errors=True)
+    blocks = Config().train.unfreeze_blocks
+    plain = None
+    if plain_first:  # the product's split (same folder, seed and fractions), made beside its run folder first
+        defaults = Config().data
+        split = data.prepare_split(
+            folder,
+            root / "plain",
+            seed=args.seed,
+            val_fraction=defaults.val_fraction,
+            test_fraction=defaults.test_fraction,
+        )
+        plain = plain_loop(split, args.size, args.epochs, blocks, args.seed)
+    product, n_train = product_loop(folder, root, args.size, args.epochs, args.seed)
+    if plain is None:
+        plain = plain_loop(data.read_split(Run(runs / "bench").split_path), args.size, args.epochs, blocks, args.seed)
+    product1 = OLD_HEAD_EPOCHS * n_train / product["phase1_seconds"]
+    return {
+        "n_train": n_train,
+        "plain": plain,
+        "product": (product1, product["phase2_images_per_second"]),
+        "phase1_seconds": product["phase1_seconds"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=640, help="images in the folder (70 %% are trained on)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each measured phase (the first is not timed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of measurements, alternating which goes first")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="train-loop-"))
     try:
         folder = make_folder(root, args.images, args.seed)
-        product, n_train = product_loop(folder, root, args.size, args.epochs, args.seed)
-        split = data.read_split(Run(root / "runs" / "bench").split_path)
-        blocks = Config().train.unfreeze_blocks
-        plain1, plain2 = plain_loop(split, args.size, args.epochs, blocks, args.seed)
+        pairs = [measure(folder, root, args, plain_first=index % 2 == 1) for index in range(args.repeats)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    product1 = OLD_HEAD_EPOCHS * n_train / product["phase1_seconds"]
-    product2 = product["phase2_images_per_second"]
+    n_train = pairs[0]["n_train"]
     print(f"\n{n_train} training images at {args.size} px, EfficientNet-Lite0, batch 32, 2 CPU threads by default")
     print(f"{'':34s} {'plain Keras':>12s} {'product':>10s} {'ratio':>7s}")
-    print(
-        f"{'phase 1 (5 head epochs), images/s':34s} {plain1:12.1f} {product1:10.1f} {product1 / plain1:7.2f}"
-        f"   (product: features + head in {product['phase1_seconds']:.1f} s)"
-    )
-    print(f"{'phase 2 (fine-tuning), images/s':34s} {plain2:12.1f} {product2:10.1f} {product2 / plain2:7.2f}")
+    for index, pair in enumerate(pairs):
+        if len(pairs) > 1:
+            print(f"pair {index + 1} ({'plain' if index % 2 else 'product'} first)")
+        (plain1, plain2), (product1, product2) = pair["plain"], pair["product"]
+        print(
+            f"{'phase 1 (5 head epochs), images/s':34s} {plain1:12.1f} {product1:10.1f} {product1 / plain1:7.2f}"
+            f"   (product: features + head in {pair['phase1_seconds']:.1f} s)"
+        )
+        print(f"{'phase 2 (fine-tuning), images/s':34s} {plain2:12.1f} {product2:10.1f} {product2 / plain2:7.2f}")
+    if len(pairs) > 1:
+        for phase in (0, 1):
+            ratios = [pair["product"][phase] / pair["plain"][phase] for pair in pairs]
+            print(
+                f"phase {phase + 1}: median ratio {np.median(ratios):.2f} "
+                f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
     return 0
 
 
