@@ -114,33 +114,25 @@ def product_loop(folder: Path, root: Path, size: int, epochs: int, seed: int) ->
     return metrics["throughput"], len(split.train)
 
 
-def measure(folder: Path, root: Path, args, plain_first: bool) -> dict:
-    """One pair of measurements: the product's run and the plain loop on the product's training split."""
+def measure(folder: Path, root: Path, args, split: data.Split | None) -> tuple[dict, data.Split]:
+    """One pair of measurements: the product's run and the plain loop on the product's training split. With the
+    split of an earlier pair given, the plain loop goes first; returns the figures and the split."""
     runs = root / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    shutil.rmtree(root / "plain", ignore_errors=True)
     blocks = Config().train.unfreeze_blocks
-    plain = None
-    if plain_first:  # the product's split (same folder, seed and fractions), made beside its run folder first
-        defaults = Config().data
-        split = data.prepare_split(
-            folder,
-            root / "plain",
-            seed=args.seed,
-            val_fraction=defaults.val_fraction,
-            test_fraction=defaults.test_fraction,
-        )
-        plain = plain_loop(split, args.size, args.epochs, blocks, args.seed)
+    plain = plain_loop(split, args.size, args.epochs, blocks, args.seed) if split is not None else None
     product, n_train = product_loop(folder, root, args.size, args.epochs, args.seed)
+    split = data.read_split(Run(runs / "bench").split_path)
     if plain is None:
-        plain = plain_loop(data.read_split(Run(runs / "bench").split_path), args.size, args.epochs, blocks, args.seed)
+        plain = plain_loop(split, args.size, args.epochs, blocks, args.seed)
     product1 = OLD_HEAD_EPOCHS * n_train / product["phase1_seconds"]
-    return {
+    figures = {
         "n_train": n_train,
         "plain": plain,
         "product": (product1, product["phase2_images_per_second"]),
         "phase1_seconds": product["phase1_seconds"],
     }
+    return figures, split
 
 
 def main() -> int:
@@ -154,7 +146,10 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="train-loop-"))
     try:
         folder = make_folder(root, args.images, args.seed)
-        pairs = [measure(folder, root, args, plain_first=index % 2 == 1) for index in range(args.repeats)]
+        pairs, split = [], None
+        for index in range(args.repeats):  # the first pair makes the split; odd pairs then run the plain loop first
+            pair, split = measure(folder, root, args, split if index % 2 == 1 else None)
+            pairs.append(pair)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     n_train = pairs[0]["n_train"]

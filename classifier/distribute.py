@@ -94,8 +94,7 @@ def make_strategy(devices: str, role: Role | None = None) -> tf.distribute.Strat
             )
         _keras_20585_workaround()
         return tf.distribute.MultiWorkerMirroredStrategy()
-    logical = tf.config.list_logical_devices()
-    available = {d.name.split("device:")[-1].lower(): d.name for d in logical}
+    available = _logical_devices()
     if devices == "auto":
         names = [name for short, name in available.items() if short.startswith("gpu")] or [available["cpu:0"]]
     elif devices == "cpu":
@@ -107,7 +106,7 @@ def make_strategy(devices: str, role: Role | None = None) -> tf.distribute.Strat
             if key not in available:
                 raise UserError(f"--devices: no device '{item}' here; available: {', '.join(sorted(available))}.")
             names.append(available[key])
-    if names == [available.get("gpu:0", available["cpu:0"])]:
+    if names == [_default_device(available)]:
         # One replica on the device TensorFlow uses by default: its default strategy, not a one-device
         # MirroredStrategy, whose every `fit` epoch builds a distributed iterator for training and another for
         # validation. Measured on phase 1's head fit (1,344 x 1,280 features, 30 epochs of 6 steps, the run's
@@ -121,9 +120,17 @@ def replica_devices(strategy: tf.distribute.Strategy) -> list[str]:
     try:
         return list(strategy.extended.worker_devices)
     except RuntimeError:  # "worker_devices() method unsupported by default tf.distribute.Strategy"
-        pass
-    logical = {d.name.split("device:")[-1].lower(): d.name for d in tf.config.list_logical_devices()}
-    return [logical.get("gpu:0", logical["cpu:0"])]
+        return [_default_device(_logical_devices())]
+
+
+def _logical_devices() -> dict[str, str]:
+    """{"cpu:0": full name, "gpu:0": ..., ...} of this process's logical devices."""
+    return {d.name.split("device:")[-1].lower(): d.name for d in tf.config.list_logical_devices()}
+
+
+def _default_device(available: dict[str, str]) -> str:
+    """The device TensorFlow places operations on when nothing says otherwise: the first GPU, else the CPU."""
+    return available.get("gpu:0", available["cpu:0"])
 
 
 _patched = False
