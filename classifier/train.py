@@ -46,6 +46,7 @@ from classifier import (
     features,
     gradcam,
     operating_point,
+    optimizer,
     plots,
     runlock,
 )
@@ -379,7 +380,7 @@ def _learning_rate(peak: float, steps: int, warmup_fraction: float) -> keras.opt
 
 def _compile(model: keras.Model, config: Config, schedule, jit_compile: bool, steps_per_execution: int = 1) -> None:
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.train.weight_decay),
+        optimizer=optimizer.AdamW(learning_rate=schedule, weight_decay=config.train.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.train.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         jit_compile=jit_compile,
