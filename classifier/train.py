@@ -386,6 +386,10 @@ def _compile(model: keras.Model, config: Config, schedule, jit_compile: bool, st
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+    # Built now, not inside the first traced step: with no tf.distribute strategy (one device), Keras 3.15 defers
+    # building to that trace, and a traced function that creates variables is traced a second time (TensorFlow's
+    # rule). One trace instead of two: phase 2's step of a tiny test model 2.8 s -> 0.9 s of tracing.
+    model.optimizer.build(model.trainable_variables)
 
 
 @dataclasses.dataclass
