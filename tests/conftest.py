@@ -145,6 +145,25 @@ MODULE_SECONDS = {
 }
 
 
+# Every process that runs tests splits its CPU into this many logical devices, so that a MirroredStrategy of two
+# replicas (`--devices cpu:0,cpu:1`) trains in the test's own process: logical devices can only be set before
+# TensorFlow starts its runtime, which a child process with its own TensorFlow import (7 s) did before. Training on
+# `auto` or `cpu` still uses one, cpu:0.
+LOGICAL_CPUS = 2
+
+
+def pytest_configure(config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: it need not import TensorFlow
+    from classifier.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS)
+
+
 def pytest_collection_modifyitems(items) -> None:
     items.sort(key=lambda item: -MODULE_SECONDS.get(Path(str(item.fspath)).stem, 10.0))
 

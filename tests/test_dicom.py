@@ -6,10 +6,10 @@ rescale), not by calling the code under test.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -27,7 +27,6 @@ from classifier import data  # noqa: E402
 from classifier.config import Config  # noqa: E402
 from classifier.errors import UserError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # Header values planted in every file; none of them may show up in anything the toolkit writes or prints.
 PLANTED = {
     "PatientName": "Quxbridge^Zelda",
@@ -399,46 +398,43 @@ def _write_mixed_folder(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory) -> dict:
-    """train.py, export.py and `classifier predict` on a mixed PNG / DICOM / TIFF folder, with all their output.
+    """train, export, `classifier predict` and evaluate on a mixed PNG / DICOM / TIFF folder, with all they printed.
 
-    The three commands run through their own `main` functions in one child process, so TensorFlow is imported
-    once rather than three times (a few seconds each on a shared CPU).
+    The commands run through `classifier.cli.main` in the test's own process (what `python -m classifier ...` runs
+    after its imports), their output captured and the decoded-image cache pointed into the test's folder.
     """
+    from classifier import cli
+
     tmp = tmp_path_factory.mktemp("mixed")
     images, runs, cache = tmp / "images", tmp / "runs", tmp / "cache"
     _write_mixed_folder(images)
     run_dir = runs / "mixed"
-    script = f"""
-import sys
-from classifier import cli
-steps = [
-    ["train", "--data-dir", {str(images)!r}, "--output-dir", {str(runs)!r}, "--name", "mixed", *{TINY!r},
-     "--epochs", "1", "--image-size", "48", "--batch-size", "4", "--augment", "none",
-     "--set", "data.dicom_frames=all", "--set", "data.group_by=dicom_patient", "--set", "train.feature_views=0"],
-    ["export", "--run-dir", {str(run_dir)!r}, "--formats", "float32,int8", "--calibration-images", "8",
-     "--latency-runs", "2", "--max-accuracy-drop", "1"],
-    ["predict", "--model", {str(run_dir / "export" / "model_int8.tflite")!r}, {str(images)!r}, "--format", "json",
-     "--output", {str(tmp / "predictions.json")!r}],
-    ["evaluate", "--run-dir", {str(run_dir)!r}, "--subset", "val"],
-]
-for step in steps:
-    print("== classifier", step[0], flush=True)
-    code = cli.main(step)
-    if code:
-        sys.exit(f"{{step[0]}} exited {{code}}")
-"""
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache), PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [
+        ["train", "--data-dir", str(images), "--output-dir", str(runs), "--name", "mixed", *TINY, "--epochs", "1",
+         "--image-size", "48", "--batch-size", "4", "--augment", "none", "--set", "data.dicom_frames=all",
+         "--set", "data.group_by=dicom_patient", "--set", "train.feature_views=0"],
+        ["export", "--run-dir", str(run_dir), "--formats", "float32,int8", "--calibration-images", "8",
+         "--latency-runs", "2", "--max-accuracy-drop", "1"],
+        ["predict", "--model", str(run_dir / "export" / "model_int8.tflite"), str(images), "--format", "json",
+         "--output", str(tmp / "predictions.json")],
+        ["evaluate", "--run-dir", str(run_dir), "--subset", "val"],
+    ]  # fmt: skip
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        for step in steps:
+            print(f"== classifier {step[0]}", flush=True)
+            code = cli.main(step)
+            if code:
+                break
+    assert code == 0, f"{step[0]} exited {code}: " + out.getvalue()[-3000:] + err.getvalue()[-3000:]
     return {
         "tmp": tmp,
         "images": images,
         "run_dir": run_dir,
         "cache": cache,
-        "stdout": done.stdout,
-        "stderr": done.stderr,
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
     }
 
 

@@ -2,9 +2,10 @@
 with the right epochs, and never shows a traceback.
 
 The kill tests run `train.py` in a child process, poll for the file that marks the moment and SIGKILL it there. The
-runs that follow (the same command again, on what the kills left) go through `train.main` in the test's own process:
-the same code as `python train.py` after its imports, without a second TensorFlow import (7 s each here); their
-output is read from capsys, and an exception would fail the test as a traceback would.
+runs that follow (the same command again, on what the kills left, or under a file-size limit) go through
+`train.main` in the test's own process: the same code as `python train.py` after its imports, without a second
+TensorFlow import (7 s each here); their output is read from capsys, and an exception would fail the test as a
+traceback would.
 """
 
 from __future__ import annotations
@@ -33,11 +34,6 @@ HEAD, FINETUNE = 4, 3
 
 def command(images: Path, output: Path) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--data-dir", str(images), "--output-dir", str(output)]
-
-
-def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, **kwargs)
 
 
 def run_here(argv: list[str], capsys) -> subprocess.CompletedProcess:
@@ -182,7 +178,7 @@ def test_damaged_checkpoints_are_reported_and_the_run_still_finishes(interrupted
     assert_finished_cleanly(run_dir, result)
 
 
-def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_backup(interrupted, tmp_path):
+def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_backup(interrupted, tmp_path, capsys):
     argv, run_dir = copy_of(interrupted, tmp_path)
     backup = run_dir / "checkpoints" / "phase2_backup"
     before = {p.name: p.read_bytes() for p in backup.iterdir()}
@@ -191,10 +187,14 @@ def test_a_file_size_limit_stops_the_run_with_a_message_and_keeps_the_last_good_
     small = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".h5", ".keras")]
     assert all(p.stat().st_size < limit for p in small), [(p.name, p.stat().st_size) for p in small]
 
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    result = run(argv, preexec_fn=limited)
+    # The limit is this process's own for the length of the run (the soft limit, raised back after; Python ignores
+    # SIGXFSZ, so a write over it fails with EFBIG as in a user's `python train.py`).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        result = run_here(argv, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "file-size limit" in result.stderr and "run the same command again" in result.stderr
     # The good backup is untouched, so the same command without the limit continues from it (as the kill test shows).
