@@ -4,15 +4,10 @@ command line, and a program that imports the library can turn them down."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 from conftest import write_separable_folder
 
 from classifier import data
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_library_call_shows_its_line_and_the_classifier_logger_level_silences_it(tmp_path, capsys):
@@ -34,19 +29,5 @@ def test_a_library_call_shows_its_line_and_the_classifier_logger_level_silences_
     assert capsys.readouterr() == ("", "")
 
 
-def test_the_command_line_shows_each_line_once_with_absls_handler_on_the_root_logger():
-    # An absl.app program, or TensorFlow code logging through absl, puts absl's handler on the root logger; a record
-    # that reached it would show a second time, as "I1123 20:55:24.713 ... train.py:73] tiny  96 px ...".
-    code = (
-        "import sys, absl.logging; absl.logging.use_absl_handler(); from classifier.cli import main; sys.exit(main())"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, "train", "--list-backbones"], capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
-    line = (
-        "tiny                     96 px  "
-        "ImageNet weights: none: random init only, for pipeline checks (use --weights none)"
-    )
-    assert result.stdout.splitlines().count(line) == 1, result.stdout
-    assert "random init only" not in result.stderr, result.stderr
+# The command line's side (each line once with absl's handler on the root logger) is checked in test_quiet.py, in
+# the one child process that also checks TensorFlow's start-up noise.

@@ -11,14 +11,26 @@ ROOT = Path(__file__).resolve().parents[1]
 NOISE_WORDS = ("cuInit", "Could not find cuda drivers", "absl::InitializeLog", "cpu_feature_guard", "oneDNN custom")
 
 
-def test_train_help_on_a_machine_without_gpu_prints_no_cuda_noise():
+def test_the_command_line_prints_no_cuda_noise_and_each_line_once_with_absls_handler_on_the_root_logger():
+    """`python train.py --list-backbones` as a CPU-only user runs it (train.py is `classifier.cli.main(["train",
+    ...])`), in a program that first puts absl's handler on the root logger, as an absl.app program or TensorFlow
+    code logging through absl does: a record that reached that handler would show a second time, as
+    "I1123 20:55:24.713 ... train.py:73] tiny  96 px ..."."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    code = "import sys, absl.logging; absl.logging.use_absl_handler()\n"
+    code += "from classifier.cli import main; sys.exit(main())"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--list-backbones"], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, "-c", code, "train", "--list-backbones"], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
-    assert "efficientnet_lite0" in result.stdout and "tiny" in result.stdout
+    assert "efficientnet_lite0" in result.stdout
     assert not [word for word in NOISE_WORDS if word in result.stderr], result.stderr
+    line = (
+        "tiny                     96 px  "
+        "ImageNet weights: none: random init only, for pipeline checks (use --weights none)"
+    )
+    assert result.stdout.splitlines().count(line) == 1, result.stdout
+    assert "random init only" not in result.stderr, result.stderr
 
 
 def test_a_line_that_is_not_known_noise_is_passed_on(tmp_path):
