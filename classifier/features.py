@@ -17,7 +17,6 @@ gives on the validation split: phase 2's best-checkpoint selection continues fro
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 
 import keras
@@ -65,18 +64,28 @@ def head_model(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, x, name="head_on_features")
 
 
-def extract(extractor: keras.Model, datasets: list[tf.data.Dataset], on_batch=None) -> Features:
+def forward_pass(extractor: keras.Model):
+    """`extractor`'s forward pass (inference mode) as a tf.function traced once for every batch size.
+
+    Make it once per run and give it to every `extract`: a trace per batch shape (the last batch of each subset is
+    shorter) and per call costs a second or more each for a real backbone, and the first `extract`'s time is what
+    the time budget measures the backbone's speed by.
+    """
+    spec = tf.TensorSpec([None, *extractor.input.shape[1:]], tf.float32)
+    return tf.function(lambda images: extractor(images, training=False), input_signature=[spec])
+
+
+def extract(forward, datasets: list[tf.data.Dataset], on_batch=None) -> Features:
     """Runs the frozen backbone over batched `(images, one-hot labels)` datasets, one after the other.
 
     Args:
-        extractor: From `feature_extractor`.
+        forward: From `forward_pass(feature_extractor(model))`.
         datasets: Batched datasets of (float32 pixels 0..255, float32 labels).
         on_batch: Called with (images done, seconds so far) after each batch (progress, time budget).
 
     Returns:
         The features and labels of every image of every dataset, in order.
     """
-    forward = _forward(extractor)
     xs, ys, done = [], [], 0
     started = time.perf_counter()
     for dataset in datasets:
@@ -87,19 +96,6 @@ def extract(extractor: keras.Model, datasets: list[tf.data.Dataset], on_batch=No
             if on_batch is not None:
                 on_batch(done, time.perf_counter() - started)
     return Features(np.concatenate(xs), np.concatenate(ys), time.perf_counter() - started)
-
-
-_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _forward(extractor: keras.Model):
-    """The extractor's forward pass as a tf.function traced once for every batch size, shared by every `extract` of
-    it: a trace per batch shape (the last batch of each subset is shorter) and per call cost a second or more each
-    for a real backbone, and the first `extract`'s time is what the time budget measures the backbone's speed by."""
-    if extractor not in _FORWARDS:
-        spec = tf.TensorSpec([None, *extractor.input.shape[1:]], tf.float32)
-        _FORWARDS[extractor] = tf.function(lambda images: extractor(images, training=False), input_signature=[spec])
-    return _FORWARDS[extractor]
 
 
 class RestoreBest(keras.callbacks.Callback):

@@ -3,9 +3,10 @@
 Keras 3.15's TensorFlow optimizer applies decoupled weight decay in a function it runs for each variable
 (`keras/src/backend/tensorflow/optimizer.py`, `_apply_weight_decay`), and that function reads
 `self.learning_rate`, which evaluates the schedule (warmup `cond` and cosine) again every time. A training step's
-graph then holds one copy of the schedule per decayed variable: tracing the step takes seconds longer (about 3 s
-of a 20 s tiny-backbone test run went into those copies, `cProfile` of `train.main`), and every step evaluates
-them all. The subclass below is the same decay with the rate read once per step; everything else is Keras' own.
+graph then holds one copy of the schedule per decayed variable, traced with the step and evaluated at every step:
+in a tiny-backbone test run under `cProfile` the schedule was called 95 times, 2.1 s of the run's 20 s, and three
+alternating pairs of such runs took 13.1-15.8 s with Keras' AdamW against 11.6-13.4 s with this one. The subclass
+below is the same decay with the rate read once per step; everything else is Keras' own.
 """
 
 from __future__ import annotations

@@ -553,7 +553,7 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     ctx.run.history_path.unlink(missing_ok=True)  # a phase 1 cut short starts over: history from epoch 1
     with ctx.strategy.scope():
         model_lib.freeze_backbone(model)
-        extractor = features.feature_extractor(model)
+        forward = features.forward_pass(features.feature_extractor(model))
         head = features.head_model(model)
     n_train = len(split.train)
     log.info(
@@ -561,14 +561,14 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
         f"{plan.feature_views} augmented view(s), {plan.head_epochs} epochs, "
         f"peak learning rate {config.train.head_lr:g}."
     )
-    plain = features.extract(extractor, [pipelines.val, pipelines.plain_train])
+    plain = features.extract(forward, [pipelines.val, pipelines.plain_train])
     rate = (len(split.val) + n_train) / max(plain.seconds, 1e-9)
     views = plan.feature_views
     ctx.inference_rate = rate
     if ctx.budget is not None:
         views = ctx.budget.views(views, n_train / rate, _reserve_seconds(ctx), phase2=plan.finetune_epochs > 0)
         plan = dataclasses.replace(plan, feature_views=views)
-    augmented = features.extract(extractor, [pipelines.views] * views) if views else None
+    augmented = features.extract(forward, [pipelines.views] * views) if views else None
     n_val = len(split.val)
     x_val, y_val = plain.x[:n_val], plain.y[:n_val]
     x_train = plain.x[n_val:] if augmented is None else np.concatenate([plain.x[n_val:], augmented.x])

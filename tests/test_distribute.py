@@ -133,16 +133,17 @@ def test_a_killed_cluster_restarts_from_its_backup_and_matches_one_process(tmp_p
     # oracle), and two replicas of MirroredStrategy over the two logical CPUs conftest.py sets up, whose global batch
     # is the per-replica batch times two.
     flags = ["--image-size", "32", *TINY, *EPOCHS]
-    capsys.readouterr()
-    for name, batch, devices in (("two", "4", "cpu:0,cpu:1"), ("one", "8", "cpu")):
+
+    def train_here(name: str, batch: str, devices: str) -> str:
+        capsys.readouterr()
         argv = ["--data-dir", str(images), "--output-dir", str(tmp_path / name), "--name", name]
         assert train_main([*argv, "--batch-size", batch, "--devices", devices, *flags]) == 0, capsys.readouterr().err
-        printed = capsys.readouterr().out
-        if name == "two":
-            assert "2 replica(s)" in printed and "global batch 8" in printed
-            assert "3/3" in printed  # 24 training images / global batch 8 = 3 steps per fine-tuning epoch
-        else:
-            assert "1 replica(s)" in printed
+        return capsys.readouterr().out
+
+    printed = train_here("two", "4", "cpu:0,cpu:1")
+    assert "2 replica(s)" in printed and "global batch 8" in printed
+    assert "3/3" in printed  # 24 training images / global batch 8 = 3 steps per fine-tuning epoch
+    assert "1 replica(s)" in train_here("one", "8", "cpu")
     one, two = tmp_path / "one" / "one", tmp_path / "two" / "two"
 
     def layout(folder: Path) -> set[str]:
