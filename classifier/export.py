@@ -9,7 +9,8 @@
   `assets.extra/input_contract.json` holds its input contract (`classifier.contract`).
 - `model_float32.tflite`: float32 weights and input (raw pixels 0..255); the reference for parity.
 - `model_float16.tflite`: float16 weights (half the size), float32 input and compute.
-- `model_dynamic.tflite`: int8 weights, activations quantized on the fly (dynamic range); float32 input.
+- `model_dynamic.tflite`: int8 weights, activations quantized on the fly (dynamic range); float32 input. When it
+  fails the gate, its layers that lose most keep float weights (classifier/selective.py).
 - `model_int8.tflite`: full integer, calibrated on real images of the run's training split. Input uint8 pixels
   0..255 (quantization scale 1, zero point 0, so a phone feeds camera bytes directly); output uint8
   probabilities (scale 1/256, zero point 0). Not int8: MediaPipe Tasks ImageClassifier (1.2.2) accepts uint8 or
@@ -40,9 +41,7 @@ leaves a half-written file under a final name.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from classifier import atomic, runlock
+from classifier import atomic, runlock, selective
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
 from classifier.contract import InputContract
 from classifier.errors import UserError, run_cli
@@ -128,14 +127,14 @@ class _Options:
 
     Attributes:
         formats: The formats to write, checked, in the order given.
-        calibration_images: Training images to calibrate int8 on.
+        calibration_images: Training images to calibrate int8 on (and rank a failing format's layers on).
         thresholds: The parity gate's limits.
         num_threads: LiteRT threads for the parity run and the latency measurement.
         latency_runs: Timed batch-1 predictions per TFLite file.
         batch_size: Images per batch in the parity run.
         metadata: Whether every .tflite carries TFLite Model Metadata.
         seed: Seed for picking the calibration images.
-        keep_float_layers: Layers left in float when full int8 fails the gate; 0 never retries.
+        keep_float_layers: Layers left in float when dynamic or int8 fails the gate; 0 never retries.
     """
 
     formats: list[str]
@@ -206,17 +205,20 @@ class _Export:
 
 @dataclasses.dataclass
 class _Converted:
-    """The files written so far, under their staging names, and what a second int8 conversion needs.
+    """The files written so far, under their staging names, and what a second, selective conversion needs.
 
     Attributes:
         files: format -> staged path, the SavedModel first, then the TFLite formats in the order asked.
+        tflite: format -> the converter's .tflite bytes, before metadata.
         scratch: Conversion scratch folder; lives until the gate is done.
         source: The SavedModel the TFLite files are converted from; None when no TFLite format is wanted.
-        calibration: The int8 calibration sample (a split); None when int8 is not wanted.
-        representative_dataset: The converter's calibration batches.
+        calibration: The calibration sample (a split) int8 is calibrated on and the layers of a failing quantized
+            format are ranked on; None when neither int8 nor dynamic is wanted.
+        representative_dataset: The calibration sample's images, one per batch.
     """
 
     files: dict[str, Path]
+    tflite: dict[str, bytes]
     scratch: Path
     source: Path | None
     calibration: data.Split | None
@@ -274,15 +276,16 @@ def export_run(
         run_dir: run folder written by training (`model.keras`, `split.json`, `labels.txt`).
         formats: any of `FORMATS`; default all.
         out_dir: where to write; default `run_dir/export`.
-        calibration_images: training images used to calibrate the int8 model (fewer if the split has fewer).
+        calibration_images: training images used to calibrate the int8 model (fewer if the split has fewer); the
+            first 64 also rank the layers of a failing quantized format.
         thresholds: the parity gate's limits.
         num_threads: LiteRT threads for the parity run and the latency measurement.
         latency_runs: timed batch-1 predictions per TFLite file.
         batch_size: images per batch in the parity run.
         metadata: embed TFLite Model Metadata (labels, input description) in every .tflite; needs mediapipe.
         seed: seed for picking the calibration images.
-        keep_float_layers: when full int8 fails the gate, the layers with the largest quantization error (TFLite's
-            quantization debugger) that are left in float for a second try; 0 never retries.
+        keep_float_layers: when the dynamic or int8 file fails the gate, the layers with the largest quantization
+            error (classifier/selective.py) that are left in float for a second try; 0 never retries.
 
     Returns:
         The report also written to `export_report.json`: {"passed": bool, "failures": [message, ...],
@@ -388,21 +391,22 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
         )
     calibration = (
         _calibration_sample(export.split, export.options.calibration_images, export.options.seed)
-        if "int8" in export.options.formats
+        if {"int8", "dynamic"} & set(export.options.formats)
         else None
     )
     wanted_tflite = [f for f in export.options.formats if f in TFLITE_FORMATS]
     representative_dataset = _calibration_batches(
         data, calibration, export.image_size, export.resize_mode, export.decoding
     )
-    source = None
+    source, tflite = None, {}
     if wanted_tflite:
         source = _write_conversion_model(export.model, export.image_size, scratch / "saved_model")
         for fmt in wanted_tflite:
             log.info(f"converting {fmt} ...")
             files[fmt] = export.out_dir / _staged(tflite_file_name(fmt))
-            _write_atomic(files[fmt], _with_metadata(export, _convert(source, fmt, representative_dataset), fmt))
-    return _Converted(files, scratch, source, calibration, representative_dataset)
+            tflite[fmt] = _convert(source, fmt, representative_dataset)
+            _write_atomic(files[fmt], _with_metadata(export, tflite[fmt], fmt))
+    return _Converted(files, tflite, scratch, source, calibration, representative_dataset)
 
 
 def _with_metadata(export: _Export, tflite: bytes, fmt: str) -> bytes:
@@ -458,32 +462,44 @@ def _check_parity(export: _Export, converted: _Converted) -> _Parity:
         else:
             entry.update(_tflite_details(predictors[fmt], export.options.latency_runs))
         problems = _gate(fmt, entry, export.options.thresholds)
-        if fmt == "int8" and problems and export.options.keep_float_layers > 0:
-            problems = _retry_int8(export, converted, held_out, entry, problems)
+        if fmt in ("dynamic", "int8") and problems and export.options.keep_float_layers > 0:
+            problems = _retry_selective(fmt, export, converted, held_out, entry, problems)
         parity.formats[fmt] = _settle(fmt, path, final, entry, problems, parity.failures)
     return parity
 
 
-def _retry_int8(
-    export: _Export, converted: _Converted, held_out: _HeldOut, entry: dict, problems: list[str]
+def _retry_selective(
+    fmt: str, export: _Export, converted: _Converted, held_out: _HeldOut, entry: dict, problems: list[str]
 ) -> list[str]:
-    """Converts int8 again with its worst layers in float, updates `entry` in place and returns the new problems."""
+    """Converts a failing quantized format again with its worst layers in float (classifier/selective.py), updates
+    `entry` in place and returns the new problems."""
     from classifier import inference
     from classifier.inference import model_size
 
-    options, path = export.options, converted.files["int8"]
-    # Full int8 lost accuracy: keep the layers with the largest quantization error in float and check again.
-    log.info(f"int8: {'; '.join(problems)}; keeping the {options.keep_float_layers} worst layers in float ...")
-    tflite, kept = _selective_int8(
-        converted.source, converted.representative_dataset, options.keep_float_layers, converted.scratch
-    )
-    _write_atomic(path, _with_metadata(export, tflite, "int8"))
+    options, path = export.options, converted.files[fmt]
+    log.info(f"{fmt}: {'; '.join(problems)}; keeping the {options.keep_float_layers} worst layers in float ...")
+    if fmt == "int8":
+        tflite, kept = selective.int8(
+            converted.source,
+            _int8_converter,
+            converted.representative_dataset,
+            options.keep_float_layers,
+            converted.scratch,
+        )
+    else:
+        reference = converted.tflite.get("float32") or _convert(converted.source, "float32", None)
+        images = np.concatenate([batch[0] for batch in selective.first(converted.representative_dataset, 64)()])
+        tflite, kept = selective.dynamic(
+            converted.tflite[fmt], reference, images, options.keep_float_layers, converted.scratch, options.num_threads
+        )
+    _write_atomic(path, _with_metadata(export, tflite, fmt))
     predictor = inference.load_predictor(path, num_threads=options.num_threads)
-    retried, _, _, _ = _run_all(export.model, {"int8": predictor}, held_out.dataset, options.batch_size)
+    retried, _, _, _ = _run_all(export.model, {fmt: predictor}, held_out.dataset, options.batch_size)
     first = {key: entry[key] for key in ("accuracy", "accuracy_drop", "accuracy_drop_ci95")}
-    entry.update(_parity(retried["int8"], held_out.keras_probs, held_out.y_true), size_bytes=model_size(path))
-    entry.update(_tflite_details(predictor, options.latency_runs), float_layers=kept, full_int8=first)
-    return _gate("int8", entry, options.thresholds)
+    entry.update(_parity(retried[fmt], held_out.keras_probs, held_out.y_true), size_bytes=model_size(path))
+    entry.update(_tflite_details(predictor, options.latency_runs), float_layers=kept)
+    entry[f"full_{fmt}"] = first
+    return _gate(fmt, entry, options.thresholds)
 
 
 def _settle(fmt: str, path: Path, final: Path, entry: dict, problems: list[str], failures: list[str]) -> dict:
@@ -765,65 +781,6 @@ def _int8_converter(source: Path, representative_dataset):
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8  # MediaPipe rejects int8 scores; see the module docstring
     return converter
-
-
-def _selective_int8(source: Path, representative_dataset, keep_float: int, scratch: Path) -> tuple[bytes, list[str]]:
-    """int8 with the `keep_float` layers of largest quantization error left in float (selective quantization).
-
-    TFLite's quantization debugger runs the calibration images through the float and the quantized model layer by
-    layer; the error of a layer is the RMSE of its quantized output in units of its quantization step (the measure
-    of TensorFlow's debugger guide). The debugger's model has float input and output, so TFLite's own
-    modify_model_interface turns them back into the uint8 camera bytes and scores of the full int8 file.
-
-    Returns:
-        The .tflite bytes and the names of the layers kept in float.
-    """
-    import tensorflow as tf
-    from tensorflow.lite.tools.optimize.python import _pywrap_modify_model_interface as interface
-
-    debug = tf.lite.experimental.QuantizationDebugger(
-        converter=_int8_converter(source, representative_dataset), debug_dataset=_first(representative_dataset, 64)
-    )
-    debug.run()
-    dump = io.StringIO()
-    debug.layer_statistics_dump(dump)
-    rows = list(csv.DictReader(io.StringIO(dump.getvalue())))
-
-    def error(row: dict) -> float:
-        scale = float(row["scale"] or 0)
-        return float(row["mean_squared_error"] or 0) ** 0.5 / scale if scale > 0 else 0.0
-
-    worst = [row["tensor_name"] for row in sorted(rows, key=error, reverse=True)[:keep_float]]
-    selective = tf.lite.experimental.QuantizationDebugger(
-        converter=_int8_converter(source, representative_dataset),
-        debug_dataset=_first(representative_dataset, 1),
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=worst),
-    )
-    float_io, uint8_io = scratch / "selective_float_io.tflite", scratch / "selective.tflite"
-    float_io.write_bytes(selective.get_nondebug_quantized_model())
-    uint8 = 3  # TFLite's TensorType UINT8
-    if interface.modify_model_interface(str(float_io), str(uint8_io), uint8, uint8) != 0:
-        raise RuntimeError("TFLite's modify_model_interface could not give the selective int8 model uint8 input")
-    return uint8_io.read_bytes(), [_layer_name(name) for name in worst]
-
-
-def _layer_name(tensor_name: str) -> str:
-    """`.../backbone_1/block6a_project_conv_1/convolution;...` -> `block6a_project_conv` (readable in the report)."""
-    parts = tensor_name.split(";")[0].split("/")
-    named = [part for part in parts if part and not part.startswith(("efficientnet", "backbone", "batchnorm"))]
-    return (named[0] if named else parts[-1]).removesuffix("_1")
-
-
-def _first(representative_dataset, count: int):
-    """The representative dataset cut to its first `count` samples (the debugger runs each one layer by layer)."""
-
-    def batches():
-        for index, batch in enumerate(representative_dataset()):
-            if index >= count:
-                return
-            yield batch
-
-    return batches
 
 
 def _run_all(model, predictors: dict, dataset, batch_size: int):

@@ -137,6 +137,7 @@ MODULE_SECONDS = {
     "test_data": 5,
     "test_inference": 4,
     "test_optimizer": 4,
+    "test_selective": 3,
     "test_metrics": 2,
     "test_benchmark": 1,
     "test_predict": 1,

@@ -299,6 +299,36 @@ def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_pa
     assert np.mean(predictor.predict(images).argmax(-1) == keras_top) >= 0.9
 
 
+def test_failing_dynamic_is_retried_with_its_worst_layer_in_float(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    real_gate, calls = export._gate, []
+
+    def gate_failing_first_dynamic(fmt, entry, limits):
+        calls.append(fmt)
+        if fmt == "dynamic" and calls.count("dynamic") == 1:
+            return ["pretend the dynamic-range file lost accuracy"]
+        return real_gate(fmt, entry, limits)
+
+    monkeypatch.setattr(export, "_gate", gate_failing_first_dynamic)
+    report = export_run(
+        run_dir, formats=["dynamic"], out_dir=tmp_path, calibration_images=20, latency_runs=2, keep_float_layers=1
+    )
+    entry = report["formats"]["dynamic"]
+    assert report["passed"] and entry["passed"] and calls.count("dynamic") == 2
+    assert len(entry["float_layers"]) == 1 and "accuracy" in entry["full_dynamic"]
+    assert report["calibration_images"] == 20  # the layers were ranked on training images, not the test ones
+    # One weight tensor fewer in int8, and still the Keras model's answers through another runtime.
+    path = tmp_path / "model_dynamic.tflite"
+
+    def int8_tensors(tflite: Path) -> int:
+        return sum(d["dtype"] == np.int8 for d in tf.lite.Interpreter(str(tflite)).get_tensor_details())
+
+    assert int8_tensors(path) == int8_tensors(run_dir / "export" / "model_dynamic.tflite") - 1
+    images, _ = held_out_images(run_dir)
+    keras_top = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0).argmax(-1)
+    assert np.mean(interpreter_probabilities(path, images).argmax(-1) == keras_top) >= 0.9
+
+
 def test_a_run_folder_in_use_is_refused_and_a_killed_exports_scratch_is_removed(exported, tmp_path, capsys):
     from classifier import runlock
 
