@@ -993,6 +993,45 @@ def make_dataset(
         UserError: unknown resize_mode, files of the split are missing (the data folder changed or moved), or
             the disk lacks room for the disk cache.
     """
+    dataset = decoded_images(
+        split,
+        subset,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        cache_budget_mb=cache_budget_mb,
+        disk_cache=disk_cache,
+        decoding=decoding,
+        shuffle_seed=seed if training else None,
+    )
+    count = len(split.subset(subset))
+    if training and fits_cache(count, image_size, cache_budget_mb):
+        dataset = dataset.shuffle(max(1, count), seed=seed, reshuffle_each_iteration=True)
+    return batched(dataset, batch_size)
+
+
+def decoded_images(
+    split: Split,
+    subset: str,
+    *,
+    image_size: int,
+    resize_mode: str = "stretch",
+    cache_budget_mb: int = 1024,
+    disk_cache: str | os.PathLike | None = None,
+    decoding: Decoding | None = None,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """One subset's images, decoded and resized, one (uint8 [S, S, 3], label int32) element per file.
+
+    Cached in memory when they fit `cache_budget_mb` (then every dataset built on this one shares the cache), else
+    in a file cache under `disk_cache` (`disk_cache_folder`), else decoded on every pass. `make_dataset` batches
+    it; training shuffles these uint8 elements, a quarter of the memory float32 batches would take.
+
+    Args:
+        shuffle_seed: When the images are not cached in memory, shuffle the file names (cheap to hold) with this
+            seed, a new order every pass; None keeps the manifest order. Images cached in memory are shuffled by
+            the caller, after the cache.
+        Others: as `make_dataset`.
+    """
     if resize_mode not in RESIZE_MODES:
         raise UserError(f"resize mode '{resize_mode}' is unknown: use one of {', '.join(RESIZE_MODES)}")
     decoding = decoding or Decoding()
@@ -1003,22 +1042,24 @@ def make_dataset(
     labels = tf.constant([label for _, label in items], dtype=tf.int32, shape=[len(items)])
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     cache = fits_cache(len(items), image_size, cache_budget_mb)
-    buffer = max(1, len(items))
-    if training and not cache:
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)  # file names: cheap to hold
+    if shuffle_seed is not None and not cache:
+        dataset = dataset.shuffle(max(1, len(items)), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def decode_resize(path, label):
         return resize_image(_decode(path, decoding), image_size, resize_mode), label
 
     dataset = dataset.map(decode_resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache:
-        dataset = dataset.cache()
-        if training:
-            dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    elif disk_cache is not None and items:
+        return dataset.cache()
+    if disk_cache is not None and items:
         folder = disk_cache_folder(disk_cache, root, items, image_size, resize_mode, decoding)
-        dataset = _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
-    dataset = dataset.batch(batch_size)
+        return _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
+    return dataset
+
+
+def batched(dataset: tf.data.Dataset, batch_size: int, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of `decoded_images` elements as the model takes them: (float32 pixels 0..255, labels)."""
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels))
     return dataset.prefetch(tf.data.AUTOTUNE)
 

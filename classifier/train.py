@@ -435,26 +435,26 @@ class _Pipelines:
         )
         seed = config.data.seed
         # One decode of the training images serves phase 1's plain pass, its augmented views and phase 2.
-        plain = data.make_dataset(split, "train", **options)
+        decoded_options = {key: value for key, value in options.items() if key != "batch_size"}
+        decoded = data.decoded_images(split, "train", **decoded_options)
+        plain = data.batched(decoded, global_batch)
         if _cached(split, "train", options):
             plain = _filled(plain)
         plain = plain.map(one_hot)
         views = augment.augment_dataset(plain, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
-        # The shuffle buffer holds decoded images: all of them when they fit the memory budget, else as many as do
-        # (images read from the disk cache or decoded every epoch come in manifest order, shuffled within it).
+        # The shuffle buffer holds decoded uint8 images (a quarter of float32 batches: an epoch's start fills it
+        # with a quarter of the copying): all of them when they fit the memory budget, else as many as do (images
+        # read from the disk cache or decoded every epoch come in manifest order, shuffled within it).
         buffer = len(split.train)
         if not _cached(split, "train", options):
             buffer = min(buffer, config.data.cache_budget_mb * 2**20 // (config.data.image_size**2 * 3))
-        shuffled = plain.unbatch().shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
+        shuffled = decoded.shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
         steps = math.ceil(len(split.train) / global_batch)
         # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
         # the few images dropped are different ones every epoch (the pipeline reshuffles).
         if replicas > 1:
             steps = len(split.train) // global_batch
-        # Unbatching loses the dataset's length; Keras needs it to know where an epoch ends.
-        train = shuffled.batch(global_batch, drop_remainder=replicas > 1).apply(
-            tf.data.experimental.assert_cardinality(steps)
-        )
+        train = data.batched(shuffled, global_batch, drop_remainder=replicas > 1).map(one_hot)
         train = augment.augment_dataset(train, config.augment, num_classes, seed).prefetch(tf.data.AUTOTUNE)
         # The sample grid reads 16 images of its own: a batch taken from `train` would make its full-size
         # shuffle buffer read the whole training set.

@@ -466,3 +466,38 @@ def test_a_second_training_with_the_same_name_is_refused_while_the_first_trains(
             train(config)
         assert sorted(path.name for path in busy.iterdir()) == before  # nothing written into the first one's folder
     assert "Continuing" not in capsys.readouterr().out  # it is not interrupted: the message said it was
+
+
+# Images cached in memory; and 24 training images of 0.75 MB over a 16 MB budget: read from the disk cache, shuffled in
+# a buffer of the 16 MB (21 images).
+@pytest.mark.parametrize(("image_size", "cache_budget_mb"), [(8, 64), (512, 16)])
+def test_every_training_epoch_shows_each_image_once_in_a_new_order(tmp_path, monkeypatch, image_size, cache_budget_mb):
+    from classifier import data
+    from classifier.train import _Pipelines
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Image i is one grey level, 5 i, so a pixel tells which file a training example came from.
+    for index in range(40):
+        folder = tmp_path / "images" / ("dark" if index < 20 else "light")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 5 * index, np.uint8)).save(folder / f"{index:02d}.png")
+    settings = {"data_dir": str(tmp_path / "images"), "image_size": image_size, "cache_budget_mb": cache_budget_mb}
+    config = Config().replace({"data": settings, "augment": {"preset": "none"}})
+    split = data.split_scan(data.scan_folder(tmp_path / "images"), val_fraction=0.2, test_fraction=0.2)
+    pipelines = _Pipelines.create(split, config, global_batch=4, replicas=1)
+    cached = data.fits_cache(len(split.train), image_size, cache_budget_mb)
+    assert cached == (image_size == 8) and any((tmp_path / "cache").rglob("complete")) != cached
+    expected = sorted(5 * int(Path(rel).stem) for rel, _ in split.train)
+
+    def epoch(dataset) -> list[int]:
+        seen = []
+        for images, labels in dataset:
+            assert images.dtype == tf.float32 and labels.shape[-1] == 2  # float pixels and one-hot labels
+            seen += [int(value) for value in images.numpy()[:, 0, 0, 0]]
+        return seen
+
+    orders = [epoch(pipelines.train) for _ in range(3)]
+    assert all(sorted(order) == expected for order in orders)
+    assert len({tuple(order) for order in orders}) == 3  # reshuffled every epoch
+    assert epoch(pipelines.plain_train) == [5 * int(Path(rel).stem) for rel, _ in split.train]  # manifest order
+    assert pipelines.steps_per_epoch == -(-len(split.train) // 4)
