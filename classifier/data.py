@@ -979,7 +979,8 @@ def make_dataset(
         subset: "train", "val" or "test".
         image_size: Side of the square images.
         batch_size: Images per batch (the last batch may be smaller).
-        training: Shuffle (seeded, a new order every epoch); False keeps the manifest order.
+        training: Shuffle (seeded, a new order every epoch; images read from the disk cache within a window of
+            `shuffle_buffer` images); False keeps the manifest order.
         resize_mode: "stretch" or "crop", see `resize_image`.
         cache_budget_mb: Memory allowed for the decoded images.
         seed: Shuffle seed.
@@ -1004,9 +1005,18 @@ def make_dataset(
         shuffle_seed=seed if training else None,
     )
     count = len(split.subset(subset))
-    if training and fits_cache(count, image_size, cache_budget_mb):
-        dataset = dataset.shuffle(max(1, count), seed=seed, reshuffle_each_iteration=True)
+    if training and (fits_cache(count, image_size, cache_budget_mb) or disk_cache is not None):
+        buffer = shuffle_buffer(count, image_size, cache_budget_mb)
+        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     return batched(dataset, batch_size)
+
+
+def shuffle_buffer(count: int, image_size: int, cache_budget_mb: int) -> int:
+    """Decoded images a training shuffle holds: all `count` when they fit the memory budget, else as many as do.
+
+    Images read from the disk cache come in the cache's (manifest) order and are shuffled within this window.
+    """
+    return max(1, min(count, cache_budget_mb * 2**20 // (image_size * image_size * 3)))
 
 
 def decoded_images(
@@ -1027,9 +1037,10 @@ def decoded_images(
     it; training shuffles these uint8 elements, a quarter of the memory float32 batches would take.
 
     Args:
-        shuffle_seed: When the images are not cached in memory, shuffle the file names (cheap to hold) with this
-            seed, a new order every pass; None keeps the manifest order. Images cached in memory are shuffled by
-            the caller, after the cache.
+        shuffle_seed: When the images are decoded on every pass (no memory or disk cache), shuffle the file names
+            (cheap to hold) with this seed, a new order every pass; None keeps the manifest order. Cached images
+            are shuffled by the caller, after the cache (a disk cache written in a shuffled order would replay that
+            order, and a reader expecting the manifest's would get it).
         Others: as `make_dataset`.
     """
     if resize_mode not in RESIZE_MODES:
@@ -1042,7 +1053,7 @@ def decoded_images(
     labels = tf.constant([label for _, label in items], dtype=tf.int32, shape=[len(items)])
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     cache = fits_cache(len(items), image_size, cache_budget_mb)
-    if shuffle_seed is not None and not cache:
+    if shuffle_seed is not None and not cache and disk_cache is None:
         dataset = dataset.shuffle(max(1, len(items)), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def decode_resize(path, label):

@@ -277,7 +277,7 @@ def export_run(
         formats: any of `FORMATS`; default all.
         out_dir: where to write; default `run_dir/export`.
         calibration_images: training images used to calibrate the int8 model (fewer if the split has fewer); the
-            first 64 also rank the layers of a failing quantized format.
+            first 64 (or all, if fewer) also rank the layers of a failing quantized format.
         thresholds: the parity gate's limits.
         num_threads: LiteRT threads for the parity run and the latency measurement.
         latency_runs: timed batch-1 predictions per TFLite file.
@@ -389,11 +389,10 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
         files["saved_model"] = _export_saved_model(
             export.model, export.contract, export.out_dir / _staged(SAVED_MODEL_DIR)
         )
-    calibration = (
-        _calibration_sample(export.split, export.options.calibration_images, export.options.seed)
-        if {"int8", "dynamic"} & set(export.options.formats)
-        else None
-    )
+    options = export.options
+    # int8 is calibrated on the sample; a failing dynamic file's layers are ranked on it.
+    wanted = "int8" in options.formats or ("dynamic" in options.formats and options.keep_float_layers > 0)
+    calibration = _calibration_sample(export.split, options.calibration_images, options.seed) if wanted else None
     wanted_tflite = [f for f in export.options.formats if f in TFLITE_FORMATS]
     representative_dataset = _calibration_batches(
         data, calibration, export.image_size, export.resize_mode, export.decoding
@@ -492,6 +491,9 @@ def _retry_selective(
         tflite, kept = selective.dynamic(
             converted.tflite[fmt], reference, images, options.keep_float_layers, converted.scratch, options.num_threads
         )
+    if not kept:
+        log.info(f"{fmt}: no quantized layer to keep in float")
+        return problems
     _write_atomic(path, _with_metadata(export, tflite, fmt))
     predictor = inference.load_predictor(path, num_threads=options.num_threads)
     retried, _, _, _ = _run_all(export.model, {fmt: predictor}, held_out.dataset, options.batch_size)

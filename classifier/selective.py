@@ -95,18 +95,25 @@ def dynamic(
 
     dynamic_model = flatbuffer_utils.read_model_from_bytearray(bytearray(quantized))
     float_model = flatbuffer_utils.read_model_from_bytearray(bytearray(reference))
-    dynamic_tensors = {t.name: t for t in dynamic_model.subgraphs[0].tensors}
-    float_tensors = {t.name: t for t in float_model.subgraphs[0].tensors}
-    # The hybrid layers' weights: int8 constants of the dynamic file whose float32 twin (same name, same shape)
-    # holds the float weights.
+    dynamic_tensors, float_tensors = _by_unique_name(dynamic_model), _by_unique_name(float_model)
+    # The hybrid layers' weights: int8 filters of a convolution or dense layer (the ops with hybrid kernels) whose
+    # float32 twin (same name, same shape) holds the float weights.
+    graph = dynamic_model.subgraphs[0]
+    ops = schema.BuiltinOperator
+    hybrid_ops = {ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED}
+    filters = set()
+    for op in graph.operators:
+        code = dynamic_model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) in hybrid_ops and len(op.inputs) > 1:
+            filters.add(graph.tensors[op.inputs[1]].name)
     hybrid = [
         name
         for name, tensor in dynamic_tensors.items()
-        if tensor.type == schema.TensorType.INT8
+        if name in filters
+        and tensor.type == schema.TensorType.INT8
         and name in float_tensors
         and float_tensors[name].type == schema.TensorType.FLOAT32
         and list(float_tensors[name].shape) == list(tensor.shape)
-        and dynamic_model.buffers[tensor.buffer].data is not None
     ]
 
     def probabilities(model) -> np.ndarray:
@@ -131,7 +138,6 @@ def dynamic(
             float_model.buffers.pop()
 
     worst = sorted(hybrid, key=error, reverse=True)[:keep_float]
-    graph = dynamic_model.subgraphs[0]
     for name in worst:
         tensor = dynamic_tensors[name]
         if sum(other.buffer == tensor.buffer for other in graph.tensors) > 1:  # shared: it gets its own buffer
@@ -140,6 +146,14 @@ def dynamic(
         dynamic_model.buffers[tensor.buffer].data = float_model.buffers[float_tensors[name].buffer].data
         tensor.type, tensor.quantization = schema.TensorType.FLOAT32, None
     return bytes(flatbuffer_utils.convert_object_to_bytearray(dynamic_model)), [layer_name(name) for name in worst]
+
+
+def _by_unique_name(model) -> dict:
+    """The main graph's tensors by name; a name two tensors share matches neither (TFLite allows it)."""
+    tensors: dict = {}
+    for tensor in model.subgraphs[0].tensors:
+        tensors[tensor.name] = None if tensor.name in tensors else tensor
+    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
 
 
 def layer_name(tensor_name: str | bytes) -> str:

@@ -445,10 +445,8 @@ class _Pipelines:
         # The shuffle buffer holds decoded uint8 images (a quarter of float32 batches: an epoch's start fills it
         # with a quarter of the copying): all of them when they fit the memory budget, else as many as do (images
         # read from the disk cache or decoded every epoch come in manifest order, shuffled within it).
-        buffer = len(split.train)
-        if not _cached(split, "train", options):
-            buffer = min(buffer, config.data.cache_budget_mb * 2**20 // (config.data.image_size**2 * 3))
-        shuffled = decoded.shuffle(max(1, buffer), seed=seed, reshuffle_each_iteration=True)
+        buffer = data.shuffle_buffer(len(split.train), config.data.image_size, config.data.cache_budget_mb)
+        shuffled = decoded.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         steps = math.ceil(len(split.train) / global_batch)
         # A last batch smaller than the replica count leaves a replica an empty batch, which BatchNorm rejects;
         # the few images dropped are different ones every epoch (the pipeline reshuffles).

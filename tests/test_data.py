@@ -405,6 +405,21 @@ def test_images_that_do_not_fit_in_memory_are_decoded_once_into_a_disk_cache(sep
     assert len(list(cache.iterdir())) == 2
 
 
+def test_a_disk_cache_written_by_training_keeps_the_manifest_order_for_evaluation(separable_folder, tmp_path):
+    split = data.split_scan(data.scan_folder(separable_folder))
+    options = dict(image_size=32, batch_size=8, cache_budget_mb=0, disk_cache=tmp_path / "cache")
+
+    def labels(dataset):
+        return np.concatenate([batch_labels.numpy() for _, batch_labels in dataset]).tolist()
+
+    # Training writes the cache first. A cache written in the shuffled order of its first pass would replay that
+    # order to an evaluation pipeline of the same images, whose predictions are matched to the manifest by position.
+    assert sorted(labels(data.make_dataset(split, "train", **options, training=True, seed=3))) == sorted(
+        label for _, label in split.train
+    )
+    assert labels(data.make_dataset(split, "train", **options)) == [label for _, label in split.train]
+
+
 def test_hostile_folders_make_no_class_and_oversized_images_are_skipped_with_the_reason(tmp_path, monkeypatch):
     root = write_separable_folder(tmp_path / "images", per_class=6, classes=dict(list(CLASS_COLOURS.items())[:2]))
     (root / "__MACOSX" / "cats").mkdir(parents=True)  # what unzipping a macOS archive leaves

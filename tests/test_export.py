@@ -309,14 +309,25 @@ def test_failing_dynamic_is_retried_with_its_worst_layer_in_float(exported, tmp_
             return ["pretend the dynamic-range file lost accuracy"]
         return real_gate(fmt, entry, limits)
 
+    ranked_on = []
+    real_dynamic = export.selective.dynamic
+
+    def recording_dynamic(quantized, reference, images, *args):
+        ranked_on.append(images)
+        return real_dynamic(quantized, reference, images, *args)
+
     monkeypatch.setattr(export, "_gate", gate_failing_first_dynamic)
+    monkeypatch.setattr(export.selective, "dynamic", recording_dynamic)
     report = export_run(
         run_dir, formats=["dynamic"], out_dir=tmp_path, calibration_images=20, latency_runs=2, keep_float_layers=1
     )
     entry = report["formats"]["dynamic"]
     assert report["passed"] and entry["passed"] and calls.count("dynamic") == 2
     assert len(entry["float_layers"]) == 1 and "accuracy" in entry["full_dynamic"]
-    assert report["calibration_images"] == 20  # the layers were ranked on training images, not the test ones
+    # The layers were ranked on the 20 calibration (training) images, not on the test images they are judged on.
+    test_images, _ = held_out_images(run_dir)
+    [images] = ranked_on
+    assert len(images) == 20 != len(test_images)
     # One weight tensor fewer in int8, and still the Keras model's answers through another runtime.
     path = tmp_path / "model_dynamic.tflite"
 
@@ -324,9 +335,9 @@ def test_failing_dynamic_is_retried_with_its_worst_layer_in_float(exported, tmp_
         return sum(d["dtype"] == np.int8 for d in tf.lite.Interpreter(str(tflite)).get_tensor_details())
 
     assert int8_tensors(path) == int8_tensors(run_dir / "export" / "model_dynamic.tflite") - 1
-    images, _ = held_out_images(run_dir)
-    keras_top = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0).argmax(-1)
-    assert np.mean(interpreter_probabilities(path, images).argmax(-1) == keras_top) >= 0.9
+    assert tflite_metadata.read_labels(path.read_bytes()) == report["labels"]  # the retried file keeps its metadata
+    keras_top = keras.models.load_model(run_dir / "model.keras").predict(test_images, verbose=0).argmax(-1)
+    assert np.mean(interpreter_probabilities(path, test_images).argmax(-1) == keras_top) >= 0.9
 
 
 def test_a_run_folder_in_use_is_refused_and_a_killed_exports_scratch_is_removed(exported, tmp_path, capsys):
