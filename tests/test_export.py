@@ -274,17 +274,24 @@ def test_calibration_sample_is_class_balanced():
     assert len(set(sample.train)) == 40
 
 
-def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_path, monkeypatch):
-    run_dir, _ = exported
+def failing_first(monkeypatch, failing: str) -> list[str]:
+    """Makes the gate fail the first check of format `failing` (as a real accuracy loss would); returns the formats
+    the gate was asked about, in order."""
     real_gate, calls = export._gate, []
 
-    def gate_failing_first_int8(fmt, entry, limits):
+    def gate(fmt, entry, limits):
         calls.append(fmt)
-        if fmt == "int8" and calls.count("int8") == 1:
-            return ["pretend the full int8 file lost accuracy"]
+        if fmt == failing and calls.count(fmt) == 1:
+            return [f"pretend the full {fmt} file lost accuracy"]
         return real_gate(fmt, entry, limits)
 
-    monkeypatch.setattr(export, "_gate", gate_failing_first_int8)
+    monkeypatch.setattr(export, "_gate", gate)
+    return calls
+
+
+def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    calls = failing_first(monkeypatch, "int8")
     report = export_run(
         run_dir, formats=["int8"], out_dir=tmp_path, calibration_images=20, latency_runs=2, keep_float_layers=3
     )
@@ -301,14 +308,7 @@ def test_failing_int8_is_retried_with_its_worst_layers_in_float(exported, tmp_pa
 
 def test_failing_dynamic_is_retried_with_its_worst_layer_in_float(exported, tmp_path, monkeypatch):
     run_dir, _ = exported
-    real_gate, calls = export._gate, []
-
-    def gate_failing_first_dynamic(fmt, entry, limits):
-        calls.append(fmt)
-        if fmt == "dynamic" and calls.count("dynamic") == 1:
-            return ["pretend the dynamic-range file lost accuracy"]
-        return real_gate(fmt, entry, limits)
-
+    calls = failing_first(monkeypatch, "dynamic")
     ranked_on = []
     real_dynamic = export.selective.dynamic
 
@@ -316,7 +316,6 @@ def test_failing_dynamic_is_retried_with_its_worst_layer_in_float(exported, tmp_
         ranked_on.append(images)
         return real_dynamic(quantized, reference, images, *args)
 
-    monkeypatch.setattr(export, "_gate", gate_failing_first_dynamic)
     monkeypatch.setattr(export.selective, "dynamic", recording_dynamic)
     report = export_run(
         run_dir, formats=["dynamic"], out_dir=tmp_path, calibration_images=20, latency_runs=2, keep_float_layers=1
