@@ -1004,10 +1004,6 @@ def make_dataset(
         decoding=decoding,
         shuffle_seed=seed if training else None,
     )
-    count = len(split.subset(subset))
-    if training and (fits_cache(count, image_size, cache_budget_mb) or disk_cache is not None):
-        buffer = shuffle_buffer(count, image_size, cache_budget_mb)
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     return batched(dataset, batch_size)
 
 
@@ -1034,13 +1030,13 @@ def decoded_images(
 
     Cached in memory when they fit `cache_budget_mb` (then every dataset built on this one shares the cache), else
     in a file cache under `disk_cache` (`disk_cache_folder`), else decoded on every pass. `make_dataset` batches
-    it; training shuffles these uint8 elements, a quarter of the memory float32 batches would take.
+    it; a shuffle holds these uint8 elements, a quarter of the memory float32 batches would take.
 
     Args:
-        shuffle_seed: When the images are decoded on every pass (no memory or disk cache), shuffle the file names
-            (cheap to hold) with this seed, a new order every pass; None keeps the manifest order. Cached images
-            are shuffled by the caller, after the cache (a disk cache written in a shuffled order would replay that
-            order, and a reader expecting the manifest's would get it).
+        shuffle_seed: Shuffle with this seed, a new order every pass; None keeps the manifest order. Images decoded
+            on every pass are shuffled by file name (cheap to hold); cached ones after the cache, within
+            `shuffle_buffer` images (a disk cache written in a shuffled order would replay that order to a
+            reader expecting the manifest's).
         Others: as `make_dataset`.
     """
     if resize_mode not in RESIZE_MODES:
@@ -1052,19 +1048,23 @@ def decoded_images(
     paths = tf.constant([os.fsencode(root / rel) for rel, _ in items], dtype=tf.string, shape=[len(items)])
     labels = tf.constant([label for _, label in items], dtype=tf.int32, shape=[len(items)])
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    cache = fits_cache(len(items), image_size, cache_budget_mb)
-    if shuffle_seed is not None and not cache and disk_cache is None:
+    in_memory = fits_cache(len(items), image_size, cache_budget_mb)
+    cached = in_memory or (disk_cache is not None and bool(items))
+    if shuffle_seed is not None and not cached:
         dataset = dataset.shuffle(max(1, len(items)), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     def decode_resize(path, label):
         return resize_image(_decode(path, decoding), image_size, resize_mode), label
 
     dataset = dataset.map(decode_resize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache:
-        return dataset.cache()
-    if disk_cache is not None and items:
+    if in_memory:
+        dataset = dataset.cache()
+    elif cached:
         folder = disk_cache_folder(disk_cache, root, items, image_size, resize_mode, decoding)
-        return _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
+        dataset = _from_disk_cache(dataset, folder, len(items) * image_size * image_size * 3)
+    if shuffle_seed is not None and cached:
+        buffer = shuffle_buffer(len(items), image_size, cache_budget_mb)
+        dataset = dataset.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
     return dataset
 
 
