@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Runs in the child process: build once, print the seconds as JSON.
 CHILD = """
 import json, time
+from classifier.quiet import import_tensorflow_quietly
+import_tensorflow_quietly()
 from classifier.backbones import build_backbone
 started = time.perf_counter()
 build_backbone({backbone!r}, {size}, weights={weights!r})

@@ -24,6 +24,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+
+from classifier.quiet import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # TensorFlow's start-up noise kept from the report
+
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -62,6 +62,9 @@ def main() -> int:
         write_folders(arrays, images)
 
     sys.path.insert(0, str(ROOT))
+    from classifier.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # TensorFlow's start-up noise kept from the report
     from classifier.run import Run
     from classifier.train import build_parser, config_from_args, train
 
