@@ -1,7 +1,8 @@
 """Accuracy report of `make bench`: the product against the published anchors and a plain Keras recipe, over seeds.
 
 For each dataset (ELPV, PneumoniaMNIST) and seed, in one run:
-- **product**: `train.py --seed S` as a user types it (the demo's settings: defaults within `--time-budget 8m`),
+- **product**: `train.py --seed S` as a user types it (the defaults within the demo's `--time-budget 8m`; the demo adds
+  its ELPV preset, the Makefile's DEMO_SETTINGS),
   then `export.py --formats int8`. Test accuracy and ROC-AUC come from the run's metrics, int8's accuracy drop and
   the 95 % interval of the paired difference from the export report.
 - **plain recipe** on the same split, backbone and image size: keras-io's "Image classification via fine-tuning
