@@ -56,6 +56,7 @@ import numpy as np
 
 from classifier import atomic, runlock, selective
 from classifier import calibration as calibration_lib  # temperature scaling, not the int8 calibration sample
+from classifier.budget import StepTimes
 from classifier.contract import InputContract
 from classifier.errors import UserError, run_cli
 from classifier.log import STDERR
@@ -176,6 +177,7 @@ class _Export:
         resize_mode: How images are resized, as in training.
         decoding: How image files are decoded (DICOM window), as in training.
         options: The caller's choices.
+        times: Seconds of each step, for the report and the line printed under the table.
     """
 
     run_dir: Path
@@ -190,6 +192,7 @@ class _Export:
     resize_mode: str
     decoding: data.Decoding
     options: _Options
+    times: StepTimes
 
     @property
     def contract(self) -> InputContract:
@@ -308,7 +311,9 @@ def export_run(
         seed=seed,
         keep_float_layers=keep_float_layers,
     )
-    export = _open_run(Path(run_dir), out_dir, options)
+    times = StepTimes()
+    with times.step("loading"):
+        export = _open_run(Path(run_dir), out_dir, options, times)
     _ship_contract(export)
     # Each format is written under a hidden staging name and gets its final name only once it passes the gate,
     # so a re-export that fails never replaces a file that passed before.
@@ -322,7 +327,7 @@ def export_run(
     return _write_report(export, converted, parity)
 
 
-def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _Export:
+def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options, times: StepTimes) -> _Export:
     """Checks the run folder before any slow work, loads the model and its input contract, creates the export folder."""
     from classifier import data, inference, tflite_metadata
 
@@ -361,6 +366,7 @@ def _open_run(run_dir: Path, out_dir: str | Path | None, options: _Options) -> _
         resize_mode=resize_mode,
         decoding=decoding,
         options=options,
+        times=times,
     )
 
 
@@ -386,9 +392,10 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
 
     files: dict[str, Path] = {}
     if "saved_model" in export.options.formats:
-        files["saved_model"] = _export_saved_model(
-            export.model, export.contract, export.out_dir / _staged(SAVED_MODEL_DIR)
-        )
+        with export.times.step("SavedModel"):
+            files["saved_model"] = _export_saved_model(
+                export.model, export.contract, export.out_dir / _staged(SAVED_MODEL_DIR)
+            )
     options = export.options
     # int8 is calibrated on the sample; a failing dynamic file's layers are ranked on it.
     wanted = "int8" in options.formats or ("dynamic" in options.formats and options.keep_float_layers > 0)
@@ -399,12 +406,14 @@ def _convert_formats(export: _Export, scratch: Path) -> _Converted:
     )
     source, tflite = None, {}
     if wanted_tflite:
-        source = _write_conversion_model(export.model, export.image_size, scratch / "saved_model")
+        with export.times.step("TFLite source"):
+            source = _write_conversion_model(export.model, export.image_size, scratch / "saved_model")
         for fmt in wanted_tflite:
             log.info(f"converting {fmt} ...")
             files[fmt] = export.out_dir / _staged(tflite_file_name(fmt))
-            tflite[fmt] = _convert(source, fmt, representative_dataset)
-            _write_atomic(files[fmt], _with_metadata(export, tflite[fmt], fmt))
+            with export.times.step(fmt):
+                tflite[fmt] = _convert(source, fmt, representative_dataset)
+                _write_atomic(files[fmt], _with_metadata(export, tflite[fmt], fmt))
     return _Converted(files, tflite, scratch, source, calibration, representative_dataset)
 
 
@@ -442,7 +451,10 @@ def _check_parity(export: _Export, converted: _Converted) -> _Parity:
         fmt: inference.load_predictor(path, num_threads=export.options.num_threads)
         for fmt, path in converted.files.items()
     }
-    probs, keras_probs, y_true, signature_check = _run_all(export.model, predictors, dataset, export.options.batch_size)
+    with export.times.step("parity"):
+        probs, keras_probs, y_true, signature_check = _run_all(
+            export.model, predictors, dataset, export.options.batch_size
+        )
     held_out = _HeldOut(dataset, keras_probs, y_true)
     model_path = export.run.model_path
     keras_accuracy = float(np.mean(keras_probs.argmax(-1) == y_true))
@@ -459,10 +471,12 @@ def _check_parity(export: _Export, converted: _Converted) -> _Parity:
         if fmt == "saved_model":
             entry.update(signature_check)
         else:
-            entry.update(_tflite_details(predictors[fmt], export.options.latency_runs))
+            with export.times.step("latency"):
+                entry.update(_tflite_details(predictors[fmt], export.options.latency_runs))
         problems = _gate(fmt, entry, export.options.thresholds)
         if fmt in ("dynamic", "int8") and problems and export.options.keep_float_layers > 0:
-            problems = _retry_selective(fmt, export, converted, held_out, entry, problems)
+            with export.times.step(f"{fmt} retry"):
+                problems = _retry_selective(fmt, export, converted, held_out, entry, problems)
         parity.formats[fmt] = _settle(fmt, path, final, entry, problems, parity.failures)
     return parity
 
@@ -540,6 +554,7 @@ def _write_report(export: _Export, converted: _Converted, parity: _Parity) -> di
         "formats": parity.formats,
         "passed": not parity.failures,
         "failures": parity.failures,
+        "seconds": dict(export.times.seconds),  # of each step, in order (the report's own writing is not in it)
     }
     atomic.write_text(export.out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
@@ -884,6 +899,8 @@ def format_report(report: dict) -> str:
         f"parity on {report['parity_images']} {report['parity_subset']} images; LiteRT latency at batch 1, "
         f"{report['num_threads']} threads; files in {report['export_dir']}"
     )
+    if report.get("seconds"):  # absent from reports of older exports
+        lines.append(f"export steps: {StepTimes(report['seconds']).describe()}")
     return "\n".join(lines)
 
 

@@ -162,8 +162,15 @@ def test_a_failing_format_is_renamed_and_the_command_fails(exported, tmp_path, c
     report = json.loads((out / "export_report.json").read_text())
     assert not report["passed"] and not report["formats"]["float32"]["passed"]
     # A passing export, then a failing one: the file that passed stays under its name.
+    started = time.perf_counter()
     assert main(quick) == 0
+    elapsed = time.perf_counter() - started
     assert not (out / "model_float32.FAILED.tflite").exists()
+    # The printed steps are those of this export and account for most of its time, never more than all of it.
+    steps = json.loads((out / "export_report.json").read_text())["seconds"]
+    assert list(steps) == ["loading", "TFLite source", "float32", "parity", "latency"]
+    assert 0.5 * elapsed <= sum(steps.values()) <= elapsed + 0.05 * len(steps)  # each is rounded to 0.1 s
+    assert f"export steps: {sum(steps.values()):.0f} s (loading {steps['loading']:.0f} s, " in capsys.readouterr().out
     passed = (out / "model_float32.tflite").read_bytes()
     capsys.readouterr()
     assert main([*quick, "--max-diff-float32", "0"]) == 1
