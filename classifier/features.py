@@ -98,6 +98,15 @@ def extract(forward, datasets: list[tf.data.Dataset], on_batch=None) -> Features
     return Features(np.concatenate(xs), np.concatenate(ys), time.perf_counter() - started)
 
 
+def head_logits(model: keras.Model, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The classifier's logits on images whose pooled features `x` are: its head at inference (dropout off, then the
+    linear "head" layer), without running the backbone again. Equal to `calibration.logits_model(model)` on the
+    images themselves while the backbone's weights are those that computed `x`."""
+    dropout, head = model.get_layer(HEAD_LAYERS[0]), model.get_layer(HEAD_LAYERS[1])
+    parts = [np.asarray(head(dropout(x[i : i + batch], training=False))) for i in range(0, len(x), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, head.units), np.float32)
+
+
 class RestoreBest(keras.callbacks.Callback):
     """Keeps the weights of the epoch with the best monitored value and restores them when training ends.
 

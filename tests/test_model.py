@@ -45,6 +45,19 @@ def test_preprocessing_and_imagenet_backbone_are_inside_the_model(pixels, tmp_pa
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_head_logits_on_cached_features_equal_the_whole_models_logits(pixels):
+    """The end of a run takes the validation logits from phase 1's features (classifier.features.head_logits) instead
+    of running the backbone again: they must be the whole model's, dropout included (off at inference)."""
+    from classifier import calibration, features
+
+    model = build_classifier("efficientnet_lite0", num_classes=3, image_size=SIZE, weights="none", dropout=0.5)
+    forward = features.forward_pass(features.feature_extractor(model))
+    pooled = features.extract(forward, [[(pixels, np.eye(3)[[0, 1, 2, 0]])]])  # one batch of 4 images
+    whole = calibration.logits_model(model).predict(pixels, verbose=0)
+    np.testing.assert_allclose(features.head_logits(model, pooled.x, batch=3), whole, rtol=1e-5, atol=1e-5)
+    assert features.head_logits(model, pooled.x[:0]).shape == (0, 3)
+
+
 def test_head_stays_float32_under_mixed_precision(pixels):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
