@@ -161,8 +161,8 @@ def step_seconds(model, images, labels, repeats: int = 2) -> float:
 
 @dataclass
 class StepTimes:
-    """Wall-clock seconds of named steps (a step timed twice adds up), for the "after training" line and
-    metrics.json: what the budget's reserve has to cover."""
+    """Wall-clock seconds of named steps (a step timed twice adds up): training's "after training" line and
+    metrics.json (what the budget's reserve has to cover), and export's "export steps" line and report."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 

@@ -447,11 +447,11 @@ def _check_parity(export: _Export, converted: _Converted) -> _Parity:
         resize_mode=export.resize_mode,
         decoding=export.decoding,
     )
-    predictors = {
-        fmt: inference.load_predictor(path, num_threads=export.options.num_threads)
-        for fmt, path in converted.files.items()
-    }
-    with export.times.step("parity"):
+    with export.times.step("parity"):  # loading each file included (the SavedModel's takes seconds)
+        predictors = {
+            fmt: inference.load_predictor(path, num_threads=export.options.num_threads)
+            for fmt, path in converted.files.items()
+        }
         probs, keras_probs, y_true, signature_check = _run_all(
             export.model, predictors, dataset, export.options.batch_size
         )

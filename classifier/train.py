@@ -514,11 +514,14 @@ class _Phase1Validation:
 
     Attributes:
         epoch: The epoch (1-based) of the best checkpoint phase 1 saved.
+        best: Its monitored value. A checkpoint phase 2 saves is better, so the pair tells them apart even when a
+            damaged plan.json made phase 1 run again under a resumed phase 2's epoch numbers.
         x: The validation images' pooled features, in split order.
         labels: Their classes, to check the order against the split's.
     """
 
     epoch: int
+    best: float
     x: np.ndarray
     labels: np.ndarray
 
@@ -633,7 +636,8 @@ def _train_head(model: keras.Model, plan: _Plan, ctx: _Context) -> tuple[_Plan, 
     # The best head becomes the run's best checkpoint so far: phase 2 starts from it and must beat its value.
     checkpoints_lib.BestStore(checkpoints).save(model, config.train.monitor, best.best, best.best_epoch + 1)
     if ctx.strategy.num_replicas_in_sync == 1:  # with several replicas the end of the run predicts across them
-        ctx.phase1_validation = _Phase1Validation(best.best_epoch + 1, x_val, y_val.argmax(-1))
+        # A copy: a view would keep every training feature in memory as well.
+        ctx.phase1_validation = _Phase1Validation(best.best_epoch + 1, best.best, x_val.copy(), y_val.argmax(-1))
     plan = dataclasses.replace(plan, finetune_start=epochs_run)
     throughput = {
         "phase1_feature_images_per_second": rate,
@@ -1107,7 +1111,8 @@ def _subset_logits(model: keras.Model, ctx: _Context, best: dict | None) -> dict
         labels = np.array([label for _, label in getattr(ctx.split, subset)], dtype=np.int64)
         if not len(labels):
             continue
-        if subset == "val" and kept and best and best["epoch"] == kept.epoch and np.array_equal(kept.labels, labels):
+        phase1 = kept is not None and best is not None and (best["epoch"], best["best"]) == (kept.epoch, kept.best)
+        if subset == "val" and phase1 and np.array_equal(kept.labels, labels):
             values = features.head_logits(model, kept.x)
         else:
             values = to_logits.predict(ctx.pipelines.evaluation(subset), verbose=0)

@@ -54,7 +54,7 @@ def test_head_logits_on_cached_features_equal_the_whole_models_logits(pixels):
     forward = features.forward_pass(features.feature_extractor(model))
     pooled = features.extract(forward, [[(pixels, np.eye(3)[[0, 1, 2, 0]])]])  # one batch of 4 images
     whole = calibration.logits_model(model).predict(pixels, verbose=0)
-    np.testing.assert_allclose(features.head_logits(model, pooled.x, batch=3), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features.head_logits(model, pooled.x, batch=3), whole, rtol=1e-4, atol=1e-4)
     assert features.head_logits(model, pooled.x[:0]).shape == (0, 3)
 
 
